@@ -1,0 +1,3 @@
+from xlstm_tune.cli.main import main
+
+raise SystemExit(main())

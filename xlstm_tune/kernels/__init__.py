@@ -1,0 +1,1 @@
+"""kernels layer (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""model layer (see DESIGN.md §2)."""

@@ -1,0 +1,1 @@
+"""quality layer (see DESIGN.md §2)."""

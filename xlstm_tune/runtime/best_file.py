@@ -1,0 +1,140 @@
+"""best.json: the versioned file a study exports and production loads (DESIGN.md §4).
+
+It lives in runtime/ because `RuntimeOptions.from_best` reads it and runtime must not import upward;
+tracking/ writes it through `write_best`. Reading never executes code: plain JSON, checked field by field.
+
+Layout (schema "xlstm_tune.best/1")::
+
+    {
+      "schema": "xlstm_tune.best/1",
+      "contexts": [                         # one entry per measured context length, ascending
+        {"context_len": 2048,
+         "knobs": {backend, chunk_size, heads_per_band, workers, t_inner, streams, decode_mode},
+         "env": {"XLSTM_CHUNKWISE_BACKEND": ..., ...},
+         "metrics": {"prefill_tok_s": {"median", "p20", "p80", "cv"}, "decode_tok_s": {...}, ...},
+         "fidelity": {"passed": true, "max_rel_err": ..., ...},
+         "trial_number": 7, "mlflow_run_id": "..."}
+      ],
+      "provenance": {device_name, os, torch_version, model_id, model_config_hash, study_name,
+                     trial_number, mlflow_run_id, git_commit, time}
+    }
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from xlstm_tune.errors import UserError
+
+SCHEMA = "xlstm_tune.best/1"
+KNOB_FIELDS = ("backend", "chunk_size", "heads_per_band", "workers", "t_inner", "streams", "decode_mode")
+CONTEXT_FIELDS = ("context_len", "knobs", "env", "metrics", "fidelity")
+PROVENANCE_FIELDS = (
+    "device_name", "os", "torch_version", "model_id", "model_config_hash",
+    "study_name", "trial_number", "mlflow_run_id", "git_commit", "time",
+)
+
+
+def _fail(path: str | Path, problem: str) -> UserError:
+    return UserError(f"invalid best.json {path}: {problem}; re-export it with `python -m xlstm_tune export`")
+
+
+def validate_best(data: Any, path: str | Path = "<best.json>") -> dict[str, Any]:
+    """Check a parsed best.json; raise UserError naming the first problem."""
+    from xlstm_tune.runtime.options import RuntimeOptions  # local: options imports this module lazily too
+
+    if not isinstance(data, dict):
+        raise _fail(path, "top level is not a JSON object")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        raise _fail(path, f"unknown schema {schema!r} (expected {SCHEMA!r})")
+    contexts = data.get("contexts")
+    if not isinstance(contexts, list) or not contexts:
+        raise _fail(path, "'contexts' must be a non-empty list")
+    seen = set()
+    for i, entry in enumerate(contexts):
+        if not isinstance(entry, dict):
+            raise _fail(path, f"contexts[{i}] is not an object")
+        missing = [f for f in CONTEXT_FIELDS if f not in entry]
+        if missing:
+            raise _fail(path, f"contexts[{i}] is missing {missing}")
+        if not isinstance(entry["context_len"], int) or entry["context_len"] < 1:
+            raise _fail(path, f"contexts[{i}].context_len must be a positive integer")
+        if entry["context_len"] in seen:
+            raise _fail(path, f"context_len {entry['context_len']} appears twice")
+        seen.add(entry["context_len"])
+        knobs = entry["knobs"]
+        if not isinstance(knobs, dict):
+            raise _fail(path, f"contexts[{i}].knobs is not an object")
+        missing = [k for k in KNOB_FIELDS if k not in knobs]
+        if missing:
+            raise _fail(path, f"contexts[{i}].knobs is missing {missing}")
+        unknown = sorted(set(knobs) - set(KNOB_FIELDS))
+        if unknown:
+            raise _fail(path, f"contexts[{i}].knobs has unknown knob(s) {unknown}")
+        try:
+            RuntimeOptions(**knobs)
+        except UserError as exc:
+            raise _fail(path, f"contexts[{i}].knobs: {exc}") from None
+        for name in ("env", "metrics", "fidelity"):
+            if not isinstance(entry[name], dict):
+                raise _fail(path, f"contexts[{i}].{name} is not an object")
+    prov = data.get("provenance")
+    if not isinstance(prov, dict):
+        raise _fail(path, "'provenance' must be an object")
+    missing = [f for f in PROVENANCE_FIELDS if f not in prov]
+    if missing:
+        raise _fail(path, f"provenance is missing {missing}")
+    return data
+
+
+def read_best(path: str | Path) -> dict[str, Any]:
+    """Read and validate a best.json. Never unpickles or evaluates anything."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"best.json not found: {p}; pass the path written by `python -m xlstm_tune export`")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _fail(p, f"not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    return validate_best(data, p)
+
+
+def knobs_for_context(best: dict[str, Any], context_len: int | None = None) -> dict[str, Any]:
+    """The knobs for `context_len`: the nearest measured length (ties go to the longer one).
+
+    With no context length, the longest measured context is used: the setting that was proven on the
+    most demanding prompt.
+    """
+    contexts = sorted(best["contexts"], key=lambda e: e["context_len"])
+    if context_len is None:
+        return dict(contexts[-1]["knobs"])
+    chosen = min(contexts, key=lambda e: (abs(e["context_len"] - context_len), -e["context_len"]))
+    return dict(chosen["knobs"])
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write JSON to a temporary file beside `path`, fsync, then rename: never a half-written file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def write_best(path: str | Path, data: dict[str, Any]) -> Path:
+    """Validate then write atomically."""
+    validate_best(data, path)
+    return write_json_atomic(path, data)

@@ -1,0 +1,1 @@
+"""study layer (see DESIGN.md §2)."""

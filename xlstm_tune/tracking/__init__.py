@@ -1,0 +1,1 @@
+"""tracking layer (see DESIGN.md §2)."""
