@@ -148,8 +148,11 @@ class RuntimeOptions:
         return env
 
     def check_for_model(self, num_heads: int) -> None:
-        """Checks that need the model: heads_per_band in 1..num_heads (a ragged last band is fine)."""
-        if not 1 <= self.heads_per_band <= num_heads:
+        """Checks that need the model: heads_per_band in 1..num_heads (a ragged last band is fine).
+
+        `native` runs all heads in one call, so its heads_per_band is not used and not checked.
+        """
+        if self.backend != "native" and not 1 <= self.heads_per_band <= num_heads:
             raise UserError(
                 f"heads_per_band={self.heads_per_band} must be in 1..{num_heads} (the model's heads per layer)"
             )

@@ -1,0 +1,258 @@
+"""The xLSTM-Large model in Hugging Face's `xLSTMForCausalLM` layout, with optional sLSTM blocks.
+
+Parameter names match `xLSTMForCausalLM.state_dict()` so checkpoints load by name. Cells run through
+the model's `CellRuntime` (prefill) or the plain step kernels (one-token decode); `model.runtime = ...`
+swaps the runtime without touching the weights.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xlstm_tune.kernels.mlstm import mlstm_step, zero_state
+from xlstm_tune.kernels.slstm import slstm_step, slstm_zero_state
+from xlstm_tune.model.config import ModelConfig
+from xlstm_tune.runtime.cells import CellRuntime
+
+# Per block: mLSTM (C, n, m); sLSTM (conv_state, y, c, n, m). Recurrent parts float32.
+BlockState = tuple[Tensor, ...]
+ModelState = list[BlockState]
+
+
+def soft_cap(x: Tensor, cap: float | None) -> Tensor:
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, use_bias: bool = False, force_float32: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
+        self.eps, self.force_float32 = eps, force_float32
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        y = x.float() if self.force_float32 else x
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+class MultiHeadLayerNorm(nn.Module):
+    """Layer norm over each head's features; input [B, S, H, D] -> [B, S, H*D]."""
+
+    def __init__(self, heads: int, head_dim: int, eps: float, use_bias: bool = False, force_float32: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads * head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads * head_dim)) if use_bias else None
+        self.eps, self.force_float32 = eps, force_float32
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        y = x.float() if self.force_float32 else x
+        y = (y - y.mean(-1, keepdim=True)) * torch.rsqrt(y.var(-1, keepdim=True, unbiased=False) + self.eps)
+        y = y.to(dtype).flatten(-2) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+class FeedForward(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fused = cfg.weight_mode == "fused"
+        d, f = cfg.hidden_size, cfg.ffn_dim
+        if self.fused:
+            self.proj_up_gate_z = nn.Linear(d, 2 * f, bias=cfg.use_bias)
+        else:
+            self.proj_up_gate = nn.Linear(d, f, bias=cfg.use_bias)
+            self.proj_up = nn.Linear(d, f, bias=cfg.use_bias)
+        self.proj_down = nn.Linear(f, d, bias=cfg.use_bias)
+        self.ffn_dim = f
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            gate, z = self.proj_up_gate_z(x).split(self.ffn_dim, dim=-1)
+        else:
+            gate, z = self.proj_up_gate(x), self.proj_up(x)
+        return self.proj_down(F.silu(gate) * z)
+
+
+class MLSTMLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, qk, v, h = cfg.hidden_size, cfg.qk_dim, cfg.v_dim, cfg.num_heads
+        if cfg.weight_mode == "fused":
+            self.qkv_opreact = nn.Linear(d, 2 * qk + 2 * v, bias=cfg.use_bias)
+            self.ifgate_preact = nn.Linear(d, 2 * h, bias=True)
+        else:
+            self.q = nn.Linear(d, qk, bias=cfg.use_bias)
+            self.k = nn.Linear(d, qk, bias=cfg.use_bias)
+            self.v = nn.Linear(d, v, bias=cfg.use_bias)
+            self.ogate_preact = nn.Linear(d, v, bias=cfg.use_bias)
+            self.igate_preact = nn.Linear(d, h, bias=True)
+            self.fgate_preact = nn.Linear(d, h, bias=True)
+        self.multihead_norm = MultiHeadLayerNorm(h, cfg.v_head_dim, cfg.norm_eps, cfg.use_bias, cfg.norm_reduction_force_float32)
+        self.out_proj = nn.Linear(v, d, bias=cfg.use_bias)
+
+    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        if cfg.weight_mode == "fused":
+            q, k, v, o = self.qkv_opreact(x).split([cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim], dim=-1)
+            i, f = soft_cap(self.ifgate_preact(x), cfg.gate_soft_cap).split(cfg.num_heads, dim=-1)
+        else:
+            q, k, v, o = self.q(x), self.k(x), self.v(x), self.ogate_preact(x)
+            i = soft_cap(self.igate_preact(x), cfg.gate_soft_cap)
+            f = soft_cap(self.fgate_preact(x), cfg.gate_soft_cap)
+        return q, k, v, o, i, f
+
+    def forward(self, x: Tensor, state: BlockState, runtime: Optional[CellRuntime]) -> tuple[Tensor, BlockState]:
+        B, S, _ = x.shape
+        H = self.cfg.num_heads
+        q, k, v, o, i, f = self.projections(x)
+        q = q.view(B, S, H, -1).transpose(1, 2)
+        k = k.view(B, S, H, -1).transpose(1, 2)
+        v = v.view(B, S, H, -1).transpose(1, 2)
+        i, f = i.transpose(1, 2), f.transpose(1, 2)  # [B, H, S]
+        if runtime is None:  # one-token decode: plain step over all heads
+            h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f, state)  # type: ignore[arg-type]
+            h = h[:, :, None]
+        else:
+            h, state = runtime.mlstm(q, k, v, i, f, state)  # type: ignore[arg-type]
+        h = self.multihead_norm(h.to(x.dtype).transpose(1, 2))
+        return self.out_proj(torch.sigmoid(o) * h), state
+
+
+class HeadwiseLinear(nn.Module):
+    """Block-diagonal projection: each head maps its own slice (the sLSTM gate inputs)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.weight = nn.Parameter(torch.empty(heads, dim // heads, dim // heads))
+        nn.init.normal_(self.weight, std=(2 / 5 / (dim // heads)) ** 0.5)
+
+    def forward(self, x: Tensor) -> Tensor:  # [..., dim] -> [..., heads, head_dim]
+        x = x.view(*x.shape[:-1], self.heads, -1)
+        return torch.einsum("...hd,hod->...ho", x, self.weight)
+
+
+class SLSTMLayer(nn.Module):
+    """sLSTM layer as in the `xlstm` package: causal conv + SiLU feeding i/f, headwise gate projections,
+    per-head recurrence, group norm with a residual weight (1 + w)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.slstm_num_heads
+        self.heads, self.head_dim, self.ks = h, d // h, cfg.slstm_conv1d_kernel_size
+        if self.ks > 0:
+            self.conv1d_weight = nn.Parameter(torch.randn(d, self.ks) / self.ks)
+            self.conv1d_bias = nn.Parameter(torch.zeros(d))
+        self.igate = HeadwiseLinear(d, h)
+        self.fgate = HeadwiseLinear(d, h)
+        self.zgate = HeadwiseLinear(d, h)
+        self.ogate = HeadwiseLinear(d, h)
+        self.recurrent_kernel = nn.Parameter(torch.zeros(h, d // h, 4, d // h))
+        self.bias = nn.Parameter(torch.zeros(h, 4, d // h))
+        self.group_norm_weight = nn.Parameter(torch.zeros(d))
+        self.eps = 1e-5
+
+    def _conv(self, x: Tensor, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+        """Causal depthwise conv over [history (ks-1 steps); x]; returns SiLU(conv) and the new history."""
+        if self.ks == 0:
+            return x, conv_state
+        full = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, ks-1+S, D]
+        windows = full.unfold(1, self.ks, 1)  # [B, S, D, ks]
+        y = (windows * self.conv1d_weight).sum(-1) + self.conv1d_bias
+        return F.silu(y), full[:, full.shape[1] - (self.ks - 1):]
+
+    def forward(self, x: Tensor, state: BlockState, runtime: Optional[CellRuntime]) -> tuple[Tensor, BlockState]:
+        B, S, D = x.shape
+        conv_state, *cell_state = state
+        x_conv, conv_state = self._conv(x, conv_state)
+        wx = torch.stack([self.igate(x_conv), self.fgate(x_conv), self.zgate(x), self.ogate(x)], dim=2)  # [B,S,4,H,Dh]
+        if runtime is None:
+            y, new_cell = slstm_step(wx[:, 0], self.recurrent_kernel, self.bias, tuple(cell_state))  # type: ignore[arg-type]
+            y = y[:, None]
+        else:
+            y, new_cell = runtime.slstm(wx, self.recurrent_kernel, self.bias, tuple(cell_state))  # type: ignore[arg-type]
+        y = F.group_norm(y.reshape(B * S, D), self.heads, 1.0 + self.group_norm_weight.float(), None, self.eps)
+        return y.view(B, S, D).to(x.dtype), (conv_state, *new_cell)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: cell layer then SwiGLU feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, slstm: bool):
+        super().__init__()
+        self.is_slstm = slstm
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.use_bias, cfg.norm_reduction_force_float32)  # noqa: E731
+        if slstm:
+            self.norm_slstm, self.slstm_layer = norm(), SLSTMLayer(cfg)
+        else:
+            self.norm_mlstm, self.mlstm_layer = norm(), MLSTMLayer(cfg)
+        self.norm_ffn = norm()
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: Tensor, state: BlockState, runtime: Optional[CellRuntime]) -> tuple[Tensor, BlockState]:
+        if self.is_slstm:
+            y, state = self.slstm_layer(self.norm_slstm(x), state, runtime)
+        else:
+            y, state = self.mlstm_layer(self.norm_mlstm(x), state, runtime)
+        x = x + y
+        return x + self.ffn(self.norm_ffn(x)), state
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList([Block(cfg, cfg.is_slstm(n)) for n in range(cfg.num_hidden_layers)])
+        self.out_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, False, cfg.norm_reduction_force_float32)
+
+
+class XLSTMForCausalLM(nn.Module):
+    """Logits are float32 and soft-capped, as in the reference."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def init_state(self, batch: int, device: torch.device | None = None) -> ModelState:
+        cfg = self.config
+        device = device or self.lm_head.weight.device
+        states: ModelState = []
+        for block in self.backbone.blocks:
+            if block.is_slstm:
+                layer = block.slstm_layer
+                conv = torch.zeros(batch, max(layer.ks - 1, 0), cfg.hidden_size, device=device, dtype=self.lm_head.weight.dtype)
+                states.append((conv, *slstm_zero_state(batch, layer.heads, layer.head_dim, device)))
+            else:
+                states.append(zero_state(batch, cfg.num_heads, cfg.qk_head_dim, cfg.v_head_dim, device))
+        return states
+
+    def forward_tokens(self, input_ids: Tensor, state: ModelState | None, runtime: Optional[CellRuntime]) -> tuple[Tensor, ModelState]:
+        """input_ids [B, S] -> float32 logits [B, S, V]. runtime=None means the one-token step path."""
+        if state is None:
+            state = self.init_state(input_ids.shape[0], input_ids.device)
+        x = self.backbone.embeddings(input_ids)
+        new_state: ModelState = []
+        for block, block_state in zip(self.backbone.blocks, state):
+            x, block_state = block(x, block_state, runtime)
+            new_state.append(block_state)
+        x = self.backbone.out_norm(x)
+        logits = self.lm_head(x.to(self.lm_head.weight.dtype)).float()
+        return soft_cap(logits, self.config.output_logit_soft_cap), new_state
+
+    def decode_step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
+        """One token [B, 1] through the plain step kernels (the function decode modes compile/capture)."""
+        return self.forward_tokens(token, state, None)
+
+
+def state_nbytes(state: Any) -> int:
+    return sum(t.numel() * t.element_size() for bs in state for t in bs)

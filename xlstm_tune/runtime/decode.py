@@ -1,0 +1,109 @@
+"""Decode modes: how one token's step runs.
+
+The runtime wraps any `step(token [B,1], state pytree) -> (logits [B,1,V], state)` function:
+* eager: call it.
+* compiled: torch.compile of the whole step (one graph of fused kernels per shape).
+* graph: a device graph captured once over static token/state buffers and replayed per token; the state
+  is updated in place inside the graph, so replay costs one launch and no host synchronisation.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from xlstm_tune.errors import DeviceUnavailableError
+from xlstm_tune.runtime import device as dev
+
+StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
+
+
+def _flatten(state: Any) -> list[Tensor]:
+    return [t for block in state for t in block]
+
+
+class EagerStep:
+    mode = "eager"
+
+    def __init__(self, step: StepFn, device: torch.device):
+        self.step = step
+
+    def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        return self.step(token, state)
+
+
+class CompiledStep:
+    mode = "compiled"
+
+    def __init__(self, step: StepFn, device: torch.device):
+        if not dev.compile_available(device):
+            raise DeviceUnavailableError(f"decode_mode=compiled needs torch.compile, which is not usable on {device}: use decode_mode=eager")
+        self.step = torch.compile(step, dynamic=False)
+
+    def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        return self.step(token, state)
+
+
+class GraphStep:
+    """Captured device graph over static buffers. `state` returned *is* the static buffer set."""
+
+    mode = "graph"
+
+    def __init__(self, step: StepFn, device: torch.device, compile_step: bool = False):
+        if not dev.graphs_available(device):
+            raise DeviceUnavailableError(
+                f"decode_mode=graph needs device graphs (CUDA); {device.type} has none: use decode_mode=compiled or eager"
+            )
+        self.step = torch.compile(step, dynamic=False, mode="max-autotune-no-cudagraphs") if compile_step else step
+        self.device = device
+        self.graph: Any = None
+        self.static_token: Tensor | None = None
+        self.static_state: Any = None
+        self.static_logits: Tensor | None = None
+
+    def _capture(self, token: Tensor, state: Any) -> None:
+        self.static_token = token.clone()
+        self.static_state = [tuple(t.clone() for t in block) for block in state]
+        # Warm up on a side stream (required before capture), then capture the step plus the in-place
+        # state update, so a replay advances the state by itself.
+        self.graph, self.static_logits = dev.capture_graph(self.device, self._step_in_place)
+
+    def _step_in_place(self) -> Tensor:
+        logits, new_state = self.step(self.static_token, self.static_state)
+        for dst, src in zip(_flatten(self.static_state), _flatten(new_state)):
+            dst.copy_(src)
+        return logits
+
+    def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        if self.graph is None or self.static_token.shape != token.shape or len(state) != len(self.static_state):
+            self._capture(token, state)
+            # capture ran the step on the static copies during warm-up; restore the caller's state
+            for dst, src in zip(_flatten(self.static_state), _flatten(state)):
+                dst.copy_(src)
+        if state is not self.static_state:
+            for dst, src in zip(_flatten(self.static_state), _flatten(state)):
+                dst.copy_(src)
+        self.static_token.copy_(token)
+        self.graph.replay()
+        return self.static_logits, self.static_state
+
+
+def make_decode_step(mode: str, step: StepFn, device: torch.device) -> Any:
+    if mode == "eager":
+        return EagerStep(step, device)
+    if mode == "compiled":
+        return CompiledStep(step, device)
+    if mode == "graph":
+        return GraphStep(step, device)
+    raise ValueError(mode)
+
+
+def available_decode_modes(device: torch.device) -> list[str]:
+    """The modes this device can run (the study's search space uses this)."""
+    modes = ["eager"]
+    if dev.compile_available(device):
+        modes.append("compiled")
+    if dev.graphs_available(device):
+        modes.append("graph")
+    return modes

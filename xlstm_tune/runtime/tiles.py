@@ -1,0 +1,159 @@
+"""Tile kernels: what one scheduler task computes for one head band.
+
+* step-block tile: walk the band's chunks in strict time order; each chunk is advanced by
+  `chunk_size / t_inner` calls of the (compiled) step-block, each covering `t_inner` steps.
+* chunkwise tile: the chunkwise-parallel form over the band with the given chunk size.
+
+Schedulers (inline, queued, ray) decide where and how concurrently bands run; they never touch the math.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from xlstm_tune.kernels.mlstm import State, mlstm_chunkwise, mlstm_step_block
+from xlstm_tune.kernels.slstm import SState, slstm_step_block
+from xlstm_tune.runtime import watchdog
+
+_COMPILED: dict[str, Callable[..., Any]] = {}
+_COMPILE_LOCK = threading.Lock()
+
+
+def compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One torch.compile wrapper per kernel per process, shared by every model, band and thread.
+
+    Recompiles happen per new static shape (band width, t_inner, batch); the limit is raised so that
+    a study's many shapes never silently fall back to eager execution.
+    """
+    with _COMPILE_LOCK:
+        if name not in _COMPILED:
+            import torch._dynamo
+
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+            if hasattr(torch._dynamo.config, "recompile_limit"):
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+                torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
+            _COMPILED[name] = torch.compile(fn, dynamic=False)
+        return _COMPILED[name]
+
+
+@dataclass
+class RunStats:
+    """What actually ran: lets a benchmark prove that a knob took effect."""
+
+    kernel_paths: Counter = field(default_factory=Counter)  # e.g. "mlstm.step_block.compiled": calls
+    tasks_dispatched: int = 0
+    compiled_calls: int = 0
+    eager_calls: int = 0
+    chunk_sizes: set = field(default_factory=set)
+    band_widths: set = field(default_factory=set)
+    t_inner: set = field(default_factory=set)
+    tokens_prefilled: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, path: str, calls: int = 1, *, is_compiled: bool) -> None:
+        with self._lock:
+            self.kernel_paths[path] += calls
+            if is_compiled:
+                self.compiled_calls += calls
+            else:
+                self.eager_calls += calls
+
+    def note(self, **values: Any) -> None:
+        with self._lock:
+            for key, value in values.items():
+                if key == "tasks":
+                    self.tasks_dispatched += value
+                elif key == "tokens":
+                    self.tokens_prefilled += value
+                else:
+                    getattr(self, key).add(value)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.kernel_paths.clear()
+            self.tasks_dispatched = self.compiled_calls = self.eager_calls = self.tokens_prefilled = 0
+            self.chunk_sizes.clear()
+            self.band_widths.clear()
+            self.t_inner.clear()
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "kernel_paths": dict(self.kernel_paths),
+                "tasks_dispatched": self.tasks_dispatched,
+                "compiled_calls": self.compiled_calls,
+                "eager_calls": self.eager_calls,
+                "chunk_sizes": sorted(self.chunk_sizes),
+                "band_widths": sorted(self.band_widths),
+                "t_inner": sorted(self.t_inner),
+                "tokens_prefilled": self.tokens_prefilled,
+            }
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    chunk_size: int
+    t_inner: int
+    compile: bool
+
+
+def _blocks(seq_len: int, chunk_size: int, t_inner: int) -> list[tuple[int, int]]:
+    """(start, length) of step-blocks covering the sequence chunk by chunk, in time order.
+
+    Every full block has `t_inner` steps (one compiled shape); a chunk's remainder (only in the last,
+    partial chunk) becomes one shorter block.
+    """
+    out = []
+    for c0 in range(0, seq_len, chunk_size):
+        c1 = min(c0 + chunk_size, seq_len)
+        for b0 in range(c0, c1, t_inner):
+            out.append((b0, min(b0 + t_inner, c1) - b0))
+    return out
+
+
+def mlstm_step_tile(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State,
+                    cfg: TileConfig, stats: RunStats) -> tuple[Tensor, State]:
+    """Step-block tile for one band: strict time order, chunk by chunk."""
+    fn = compiled("mlstm_step_block", mlstm_step_block) if cfg.compile else mlstm_step_block
+    path = "mlstm.step_block." + ("compiled" if cfg.compile else "eager")
+    hs = []
+    blocks = _blocks(q.shape[2], cfg.chunk_size, cfg.t_inner)
+    for n, (t0, length) in enumerate(blocks):
+        if n % max(1, cfg.chunk_size // cfg.t_inner) == 0:
+            watchdog.checkpoint()  # chunk boundary: a hard memory abort stops here at the latest
+        sl = slice(t0, t0 + length)
+        h, state = fn(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl], f[:, :, sl], state)
+        hs.append(h)
+    stats.add(path, len(blocks), is_compiled=cfg.compile)
+    return torch.cat(hs, dim=2), state
+
+
+def mlstm_chunk_tile(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State,
+                     cfg: TileConfig, stats: RunStats) -> tuple[Tensor, State]:
+    """Chunkwise-parallel tile: one call over the band (compiled where asked)."""
+    watchdog.checkpoint()
+    fn = compiled("mlstm_chunkwise", mlstm_chunkwise) if cfg.compile else mlstm_chunkwise
+    h, state = fn(q, k, v, i, f, state, chunk_size=cfg.chunk_size)
+    stats.add("mlstm.chunkwise." + ("compiled" if cfg.compile else "eager"), 1, is_compiled=cfg.compile)
+    return h, state
+
+
+def slstm_step_tile(wx: Tensor, r: Tensor, b: Tensor, state: SState, cfg: TileConfig, stats: RunStats) -> tuple[Tensor, SState]:
+    """sLSTM has no parallel form: step-blocks in strict time order. wx: [B, S, 4, Hb, D]."""
+    fn = compiled("slstm_step_block", slstm_step_block) if cfg.compile else slstm_step_block
+    ys = []
+    blocks = _blocks(wx.shape[1], cfg.chunk_size, cfg.t_inner)
+    for n, (t0, length) in enumerate(blocks):
+        if n % max(1, cfg.chunk_size // cfg.t_inner) == 0:
+            watchdog.checkpoint()
+        y, state = fn(wx[:, t0:t0 + length], r, b, state)
+        ys.append(y)
+    stats.add("slstm.step_block." + ("compiled" if cfg.compile else "eager"), len(blocks), is_compiled=cfg.compile)
+    return torch.cat(ys, dim=1), state
