@@ -1,0 +1,369 @@
+"""The device layer: the ONLY place in the project that branches on device type (DESIGN.md §2).
+
+Everything above (schedulers, bench/, model/) asks this module instead of testing `device.type`, so adding
+or fixing a device means editing one file. Devices are `cpu`, `cuda[:N]` and `mps`.
+
+Rules this module keeps:
+- never fall back silently: a device (or device feature) that is not here raises `DeviceUnavailableError`
+  whose one-line message names the problem and the fix;
+- clocks are read only after the device is synchronised (`now_synced`, DESIGN.md §5);
+- availability probes are cheap (no compile, no graph capture) so the study can call them per trial.
+
+Memory figures are in MB = 2**20 bytes.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import psutil
+import torch
+
+from xlstm_tune.errors import DeviceUnavailableError, UserError
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+_MB = float(2**20)
+
+
+def _mb(n_bytes: float) -> float:
+    return float(n_bytes) / _MB
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    """A torch.device from an already-resolved name ("auto" is for `resolve_device` only)."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+# ---- choosing a device -----------------------------------------------------------------------------
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Turn a user's device request into a torch.device that works here.
+
+    "auto" picks mps, then cuda, then cpu (Apple Silicon first: the product's primary target).
+    An explicit request that cannot be honoured raises DeviceUnavailableError: benchmarking on another
+    device than the one asked for would silently produce the wrong numbers. CUDA and MPS devices come
+    back with an explicit index, so they compare equal to `tensor.device`.
+    """
+    if isinstance(name, torch.device):
+        text = str(name)
+    elif isinstance(name, str):
+        text = name.strip().lower()
+    else:
+        raise UserError(f"device must be a string or torch.device, got {name!r}: use auto, cpu, cuda, cuda:N or mps")
+
+    if text == "auto":
+        if _mps_available():
+            return torch.device("mps", 0)
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    kind, _, index_text = text.partition(":")
+    if kind not in DEVICE_TYPES or (index_text and not index_text.isdigit()) or (kind == "cpu" and index_text not in ("", "0")):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    index = int(index_text) if index_text else None
+
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"device {text!r} requested but torch.cuda.is_available() is False on this machine "
+                f"(no NVIDIA GPU/driver, or a CPU-only torch build): use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if index is None:
+            index = torch.cuda.current_device()
+        if index >= count:
+            raise DeviceUnavailableError(
+                f"device {text!r} requested but this machine has {count} CUDA device(s): "
+                f"use cuda:0..cuda:{count - 1} or auto"
+            )
+        return torch.device("cuda", index)
+    # mps
+    if not _mps_available():
+        raise DeviceUnavailableError(
+            f"device {text!r} requested but torch.backends.mps.is_available() is False on this machine "
+            f"(MPS needs Apple Silicon, macOS 12.3+ and an MPS-enabled torch build): use --device cpu or auto"
+        )
+    if index not in (None, 0):
+        raise DeviceUnavailableError(f"device {text!r} requested but MPS has only device 0: use mps or auto")
+    return torch.device("mps", 0)
+
+
+# ---- clocks and memory -----------------------------------------------------------------------------
+def synchronize(device: str | torch.device) -> None:
+    """Wait for all queued work on `device`; device calls are asynchronous, so timing needs this."""
+    dev = _as_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "mps":
+        torch.mps.synchronize()
+
+
+def now_synced(device: str | torch.device) -> float:
+    """`time.perf_counter()` read after synchronising `device`, so it counts finished work only."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def empty_cache(device: str | torch.device) -> None:
+    """Return the caching allocator's unused blocks to the driver (no-op on CPU: there is no cache)."""
+    dev = _as_device(device)
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            torch.cuda.empty_cache()
+    elif dev.type == "mps":
+        torch.mps.empty_cache()
+
+
+def memory_stats(device: str | torch.device) -> dict[str, float]:
+    """Memory figures in MB for `device`, plus the pair the memory watchdog compares with its limits.
+
+    Always: `process_rss_mb`, `system_available_mb`, `system_total_mb`.
+    CUDA adds `cuda_allocated_mb`, `cuda_reserved_mb`, `device_free_mb`, `device_total_mb`;
+    MPS adds `mps_current_mb`, `mps_driver_mb`, `mps_recommended_max_mb`.
+
+    `watched_used_mb` / `watched_total_mb` are what can run out first on each device:
+    - MPS: driver-allocated memory / Metal's recommended working-set maximum. The driver figure includes
+      the allocator's cached blocks, and Metal starts paging (then fails) past the recommended maximum.
+    - CUDA: this process's reserved memory (caching allocator) / the device's total memory. Reserved, not
+      allocated, because cached blocks are just as unavailable to others; this process only, so another
+      process on the same GPU does not trip our limits.
+    - CPU: process RSS / total system RAM.
+    """
+    dev = _as_device(device)
+    vm = psutil.virtual_memory()
+    rss = _mb(psutil.Process().memory_info().rss)
+    stats: dict[str, float] = {
+        "process_rss_mb": rss,
+        "system_available_mb": _mb(vm.available),
+        "system_total_mb": _mb(vm.total),
+    }
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        stats["cuda_allocated_mb"] = _mb(torch.cuda.memory_allocated(dev))
+        stats["cuda_reserved_mb"] = _mb(torch.cuda.memory_reserved(dev))
+        stats["device_free_mb"] = _mb(free)
+        stats["device_total_mb"] = _mb(total)
+        stats["watched_used_mb"] = stats["cuda_reserved_mb"]
+        stats["watched_total_mb"] = stats["device_total_mb"]
+    elif dev.type == "mps":
+        stats["mps_current_mb"] = _mb(torch.mps.current_allocated_memory())
+        stats["mps_driver_mb"] = _mb(torch.mps.driver_allocated_memory())
+        recommended = getattr(torch.mps, "recommended_max_memory", None)  # torch >= 2.3
+        # Unified memory: without Metal's figure, system RAM is the honest ceiling.
+        stats["mps_recommended_max_mb"] = _mb(recommended()) if recommended else stats["system_total_mb"]
+        stats["watched_used_mb"] = stats["mps_driver_mb"]
+        stats["watched_total_mb"] = stats["mps_recommended_max_mb"]
+    else:
+        stats["watched_used_mb"] = rss
+        stats["watched_total_mb"] = stats["system_total_mb"]
+    return stats
+
+
+def watched_memory_label(device: str | torch.device) -> str:
+    """What `watched_used_mb` measures on `device`, in words, for watchdog messages and logs."""
+    kind = _as_device(device).type
+    return {"cuda": "CUDA reserved", "mps": "MPS driver-allocated"}.get(kind, "process RSS")
+
+
+# ---- streams, compile, graphs ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _mps_stream_factory() -> Any:
+    """A callable making a new MPS stream, or None when this torch build has no usable one.
+
+    Current MPS builds run everything on one command queue: `torch.Stream(device="mps")` may exist but
+    hand back that same default stream, which would make `streams > 0` a knob that does nothing. A stream
+    counts as usable only if a new one differs from the current stream.
+    """
+    if not _mps_available():
+        return None
+    factory = getattr(torch.mps, "Stream", None)
+    if factory is None:
+        factory = functools.partial(torch.Stream, device="mps")
+    try:
+        stream = factory()
+        current = torch.accelerator.current_stream(torch.device("mps", 0))
+        if getattr(stream, "stream_id", None) == getattr(current, "stream_id", None):
+            return None
+    except Exception:  # any failure means "not usable here"; the probe must never crash a study
+        return None
+    return factory
+
+
+def streams_available(device: str | torch.device) -> bool:
+    """Whether `new_stream` can give an extra device stream here (the `streams` knob needs one)."""
+    dev = _as_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    if dev.type == "mps":
+        return _mps_stream_factory() is not None
+    return False
+
+
+def new_stream(device: str | torch.device) -> Any:
+    """A new device stream; raises DeviceUnavailableError where the device has none (never a fake one)."""
+    dev = _as_device(device)
+    if not streams_available(dev):
+        raise DeviceUnavailableError(
+            f"device streams are not available on {dev} with torch {torch.__version__}: use --streams 0"
+        )
+    if dev.type == "cuda":
+        return torch.cuda.Stream(device=dev)
+    return _mps_stream_factory()()
+
+
+def stream_context(stream: Any | None) -> contextlib.AbstractContextManager[Any]:
+    """A context manager that makes `stream` current; a no-op context for None (no streams in use)."""
+    if stream is None:
+        return contextlib.nullcontext()
+    if isinstance(stream, torch.cuda.Stream):
+        return torch.cuda.stream(stream)
+    return stream  # a generic torch.Stream is itself a context manager that makes it current
+
+
+def _current_stream(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device)
+    return torch.accelerator.current_stream(device)
+
+
+def wait_for_current(device: str | torch.device, streams: Sequence[Any]) -> None:
+    """Make each side stream wait for the work already queued on the current stream (their inputs)."""
+    current = _current_stream(_as_device(device))
+    for stream in streams:
+        stream.wait_stream(current)
+
+
+def join_streams(device: str | torch.device, streams: Sequence[Any]) -> None:
+    """Make the current stream wait for everything queued on the side streams (their outputs)."""
+    current = _current_stream(_as_device(device))
+    for stream in streams:
+        current.wait_stream(stream)
+
+
+def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int = 3) -> tuple[Any, Any]:
+    """Capture `fn()` into a device graph; returns (graph, fn's output held in static buffers).
+
+    `fn` runs `warmup` times on a side stream first (CUDA requires it before capture, and it keeps lazy
+    initialisation and autotuning out of the graph), so any in-place side effects of `fn` happen
+    `warmup` + 1 times. `graph.replay()` reruns the captured work on the same buffers.
+    """
+    dev = _as_device(device)
+    if not graphs_available(dev):
+        raise DeviceUnavailableError(
+            f"device graphs are not available on {dev} (only CUDA has them): use decode_mode=compiled or eager"
+        )
+    with torch.cuda.device(dev):
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    return graph, out
+
+
+def _cxx_compiler_on_path() -> bool:
+    candidates = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+    return any(c and shutil.which(c) for c in candidates)
+
+
+def compile_available(device: str | torch.device) -> bool:
+    """Whether torch.compile can work on `device`, judged cheaply (no compile is attempted).
+
+    Needs TorchDynamo on this Python; CPU code generation needs a C++ compiler on PATH; CUDA needs triton
+    (and a GPU triton supports, compute capability 7.0+). MPS generates Metal shaders itself.
+    """
+    dev = _as_device(device)
+    try:
+        import torch._dynamo  # noqa: F401  (absent or broken on some Python versions / builds)
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+    except Exception:
+        return False
+    if dev.type == "cpu":
+        return _cxx_compiler_on_path()
+    if dev.type == "cuda":
+        return (
+            torch.cuda.is_available()
+            and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability(dev) >= (7, 0)
+        )
+    return _mps_available()
+
+
+def graphs_available(device: str | torch.device) -> bool:
+    """Whether device graphs (capture/replay) exist here: CUDA graphs only, so `decode_mode=graph` needs CUDA."""
+    dev = _as_device(device)
+    return dev.type == "cuda" and torch.cuda.is_available()
+
+
+# ---- names and provenance --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    system = platform.system()
+    if system == "Linux":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.lower().startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    elif system == "Darwin":
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: str | torch.device) -> str:
+    """A human-readable name of the hardware behind `device`, for provenance and reports."""
+    dev = _as_device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "mps":
+        mac = platform.mac_ver()[0]
+        return f"Apple MPS ({_cpu_model()}{', macOS ' + mac if mac else ''})"
+    return _cpu_model()
+
+
+def device_summary(device: str | torch.device) -> dict[str, str]:
+    """Where a measurement was taken (best.json provenance): numbers from different rows never compare."""
+    dev = _as_device(device)
+    return {
+        "device_name": device_name(dev),
+        "device_type": dev.type,
+        "device": str(dev),
+        "os": platform.platform(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
