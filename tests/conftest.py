@@ -1,0 +1,25 @@
+"""Shared fixtures. Numerics tests draw fresh random inputs each run; the seed is in failure messages."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "0")
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test (reported in assertion messages so a failure can be replayed)."""
+    value = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(value)
+    random.seed(value)
+    return value
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64: the project's tolerance metric."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
