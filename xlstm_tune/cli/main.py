@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad flags as one line and exit code 2 (its own default is a usage dump)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"xlstm_tune {self.prog.split()[-1]}: error: {message} (see --help)\n")
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(2)
 
 

@@ -91,7 +91,9 @@ class LanguageModel:
             ids = ids[None]
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise UserError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(ids.shape)}")
-        return ids.to(self.device)
+        # A fresh copy made under inference mode: compiled decode guards on the tensor kind, so every
+        # token must arrive as the same kind (a few bytes, once per call).
+        return ids.to(self.device, copy=True)
 
     @torch.inference_mode()
     def __call__(self, input_ids: Any, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
@@ -100,14 +102,14 @@ class LanguageModel:
             return self._decode(ids, state)
         return self.net.forward_tokens(ids, state, self._cells)
 
+    @torch.inference_mode()
     def reference_forward(self, input_ids: Any, state: ModelState | None = None) -> tuple[Tensor, ModelState]:
         """The canonical reference path: float32 step recurrence, eager, whatever the knobs say."""
         ids = self._ids(input_ids)
         canonical = CellRuntime(RuntimeOptions(backend="queued", chunk_size=1, t_inner=1, heads_per_band=self.config.num_heads,
                                                workers=1, compile=False), self.device, self.config.num_heads)
         try:
-            with torch.inference_mode():
-                return self.net.forward_tokens(ids, state, canonical)
+            return self.net.forward_tokens(ids, state, canonical)
         finally:
             canonical.close()
 

@@ -167,7 +167,7 @@ class SLSTMLayer(nn.Module):
         full = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, ks-1+S, D]
         windows = full.unfold(1, self.ks, 1)  # [B, S, D, ks]
         y = (windows * self.conv1d_weight).sum(-1) + self.conv1d_bias
-        return F.silu(y), full[:, full.shape[1] - (self.ks - 1):]
+        return F.silu(y), full[:, full.shape[1] - (self.ks - 1):].clone(memory_format=torch.contiguous_format)  # fresh standard strides: compiled decode never recompiles
 
     def forward(self, x: Tensor, state: BlockState, runtime: Optional[CellRuntime]) -> tuple[Tensor, BlockState]:
         B, S, D = x.shape

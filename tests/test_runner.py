@@ -1,0 +1,100 @@
+"""`python -m xlstm_tune run` end to end, as a subprocess."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xlstm_tune.tracking.best_export import build_best, export_best
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _run(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xlstm_tune", "run", "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def test_run_prints_speeds_and_writes_stats_csv(tmp_path):
+    stats = tmp_path / "logs" / "steps.csv"
+    proc = _run("--prompt", "Hello there", "--max-new-tokens", "12", "--backend", "queued", "--no-compile",
+                "--chunk-size", "4", "--t-inner", "2", "--heads-per-band", "3", "--stats-log", str(stats),
+                "--mem-log", str(tmp_path / "mem.csv"), "--mem-every", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "prefill:" in proc.stdout and "decode:" in proc.stdout and "tok/s" in proc.stdout
+    assert "backend=queued chunk_size=4 heads_per_band=3" in proc.stdout
+    rows = list(csv.DictReader(stats.open()))
+    assert list(rows[0]) == ["step", "dt_ms", "cum_ms", "inst_tok_s", "avg_tok_s"]
+    assert [int(r["step"]) for r in rows] == list(range(1, 12))
+    cum = [float(r["cum_ms"]) for r in rows]
+    assert cum == sorted(cum) and abs(cum[-1] - sum(float(r["dt_ms"]) for r in rows)) < 0.01 * cum[-1] + 0.01
+    assert (tmp_path / "mem.csv").read_text().startswith("time_s,watched_used_mb")
+
+
+def test_run_applies_best_json_and_cli_overrides_it(tmp_path):
+    knobs = dict(backend="queued", chunk_size=6, heads_per_band=1, workers=2, t_inner=3, streams=0, decode_mode="eager")
+    other = dict(knobs, chunk_size=16, t_inner=8)
+    best = build_best(
+        [{"context_len": 8, "knobs": knobs, "metrics": {}, "fidelity": {"passed": True}},
+         {"context_len": 4096, "knobs": other, "metrics": {}, "fidelity": {"passed": True}}],
+        {"device_name": "cpu", "model_id": "tiny", "model_config_hash": "x", "study_name": "s", "trial_number": 1,
+         "mlflow_run_id": None},
+    )
+    path = export_best(tmp_path / "best.json", best)
+    proc = _run("--best", str(path), "--prompt", "short", "--max-new-tokens", "3", "--no-compile")
+    assert proc.returncode == 0, proc.stderr
+    assert "applied from best.json" in proc.stdout
+    assert "backend=queued chunk_size=6 heads_per_band=1 workers=2 t_inner=3" in proc.stdout  # nearest context (5 tokens)
+    proc = _run("--best", str(path), "--context-len", "4000", "--workers", "3", "--prompt", "short", "--max-new-tokens", "3", "--no-compile")
+    assert proc.returncode == 0, proc.stderr
+    assert "chunk_size=16 heads_per_band=1 workers=3 t_inner=8" in proc.stdout  # CLI flag beats best.json
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--chunk-size", "10", "--t-inner", "3"], "t_inner=3 must divide chunk_size=10"),
+    (["--backend", "warp"], "unknown backend"),
+    (["--device", "cuda"], "cuda"),
+    (["--model", "no-such-model"], "neither a preset"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+    (["--mem-hard-pct", "150"], "pct"),
+    (["--bogus-flag"], "unrecognized arguments"),
+    (["--best", "/nonexistent/best.json"], "best.json not found"),
+])
+def test_bad_flags_one_line_exit_2(args, fragment, tmp_path):
+    stats = tmp_path / "stats.csv"
+    proc = _run(*args, "--stats-log", str(stats))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not stats.exists()  # nothing written half-way
+
+
+def test_corrupt_best_json_is_rejected(tmp_path):
+    (tmp_path / "best.json").write_text('{"schema": "xlstm_tune.best/9"}')
+    proc = _run("--best", str(tmp_path / "best.json"))
+    assert proc.returncode == 2 and "unknown schema" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_log(tmp_path):
+    stats = tmp_path / "steps.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "xlstm_tune", "run", "--device", "cpu", "--no-compile",
+                             "--max-new-tokens", "1000000", "--stats-log", str(stats)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not stats.exists() or len(stats.read_text().splitlines()) < 20):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    lines = stats.read_text().splitlines()
+    assert lines[0] == "step,dt_ms,cum_ms,inst_tok_s,avg_tok_s" and len(lines) >= 20
+    assert all(len(line.split(",")) == 5 for line in lines)  # every line complete

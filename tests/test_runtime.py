@@ -1,0 +1,166 @@
+"""Every backend × knob setting matches the canonical reference path, and every knob changes what runs."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import rel_err
+from xlstm_tune import RuntimeOptions, load_model
+from xlstm_tune.errors import DeviceUnavailableError, UserError
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = load_model("tiny", device="cpu", runtime=RuntimeOptions(backend="native", compile=False))
+    yield m
+    m.close()
+
+
+# (backend, chunk_size, heads_per_band, t_inner, workers): ragged bands (3 of 4 heads), several t_inner,
+# chunk sizes that do not divide the prompt, and one larger than the prompt.
+GRID = [
+    ("native", 8, 4, 1, 1), ("native", 5, 4, 1, 1), ("native", 64, 4, 1, 1),
+    ("queued", 8, 3, 2, 2), ("queued", 6, 1, 3, 4), ("queued", 12, 4, 12, 1), ("queued", 64, 2, 4, 3),
+]
+
+
+@pytest.mark.parametrize("backend,chunk,hpb,t_inner,workers", GRID)
+@pytest.mark.parametrize("seq", [3, 29])
+def test_backends_match_canonical_reference(model, seed, backend, chunk, hpb, t_inner, workers, seq):
+    ids = torch.randint(0, 256, (2, seq))
+    ref, ref_state = model.reference_forward(ids)
+    model.runtime = RuntimeOptions(backend=backend, chunk_size=chunk, heads_per_band=hpb, t_inner=t_inner,
+                                   workers=workers, compile=False)
+    out, state = model(ids)
+    assert rel_err(out, ref) < TOL, f"seed={seed}"
+    for block, ref_block in zip(state, ref_state):
+        for got, want in zip(block, ref_block):
+            assert rel_err(got, want) < TOL or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["native", "queued"])
+def test_state_carried_across_calls(model, seed, backend):
+    ids = torch.randint(0, 256, (2, 41))
+    ref, _ = model.reference_forward(ids)
+    model.runtime = RuntimeOptions(backend=backend, chunk_size=8, heads_per_band=3, t_inner=2, compile=False)
+    a, state = model(ids[:, :17])  # prefill
+    b, state = model(ids[:, 17:30], state)  # second prefill continuing the state
+    steps = []
+    for t in range(30, 41):  # then single steps
+        o, state = model(ids[:, t:t + 1], state)
+        steps.append(o)
+    assert rel_err(torch.cat([a, b, *steps], 1), ref) < TOL, f"seed={seed}"
+
+
+def test_ray_backend_on_a_real_local_runtime(model, seed):
+    pytest.importorskip("ray")
+    ids = torch.randint(0, 256, (2, 23))
+    ref, _ = model.reference_forward(ids)
+    model.runtime = RuntimeOptions(backend="ray", chunk_size=8, heads_per_band=3, t_inner=4, compile=False)
+    out, state = model(ids)
+    assert rel_err(out, ref) < TOL, f"seed={seed}"
+    scheduler = model._cells.scheduler
+    actors = list(scheduler.actors)
+    assert len(actors) == 2  # bands of 3 + 1 heads: one actor each
+    more, _ = model(ids[:, :5], state)  # a second call reuses the same actors
+    assert scheduler.actors == actors
+    stats = model.stats.as_dict()
+    assert stats["kernel_paths"]["mlstm.step_block.eager"] > 0 and stats["band_widths"] == [1, 3]
+    model.runtime = RuntimeOptions(backend="native", compile=False)  # closes the actors
+
+
+def _run_stats(model, ids, **knobs):
+    model.runtime = RuntimeOptions(compile=False, **knobs)
+    model.stats.reset()
+    model(ids)
+    return model.stats.as_dict()
+
+
+def test_every_knob_changes_what_runs(model):
+    ids = torch.randint(0, 256, (1, 48))
+    base = dict(backend="queued", chunk_size=16, heads_per_band=2, t_inner=4, workers=2)
+    s0 = _run_stats(model, ids, **base)
+    # chunk_size: recorded, and with t_inner fixed the number of step-block calls is unchanged but the
+    # native tile is called with the new size
+    s_chunk = _run_stats(model, ids, **{**base, "chunk_size": 8})
+    assert s0["chunk_sizes"] == [16] and s_chunk["chunk_sizes"] == [8]
+    # t_inner: fewer steps per call -> more calls
+    s_t = _run_stats(model, ids, **{**base, "t_inner": 2})
+    assert s_t["kernel_paths"]["mlstm.step_block.eager"] == 2 * s0["kernel_paths"]["mlstm.step_block.eager"]
+    # heads_per_band: more bands -> more tasks
+    s_h = _run_stats(model, ids, **{**base, "heads_per_band": 1})
+    assert s_h["tasks_dispatched"] == 2 * s0["tasks_dispatched"] and s_h["band_widths"] == [1]
+    # workers: the pool really has that many threads
+    model.runtime = RuntimeOptions(compile=False, **{**base, "workers": 3})
+    assert model._cells.scheduler.pool._max_workers == 3
+    # backend: a different kernel path
+    s_n = _run_stats(model, ids, backend="native", chunk_size=16)
+    assert "mlstm.chunkwise.eager" in s_n["kernel_paths"] and "mlstm.step_block.eager" not in s_n["kernel_paths"]
+    # native chunk_size reaches the chunkwise tile: a chunk larger than the prompt is one tile call per layer
+    s_n2 = _run_stats(model, ids, backend="native", chunk_size=64)
+    assert s_n2["chunk_sizes"] == [64]
+    # decode_mode: the decode runner changes
+    model.runtime = RuntimeOptions(compile=False, decode_mode="compiled")
+    assert model._decode.mode == "compiled"
+
+
+def test_compiled_step_block_matches_and_is_counted(model, seed):
+    """One small compiled run (torch.compile on CPU costs ~25 s on first use: kept to one test)."""
+    ids = torch.randint(0, 256, (1, 12))
+    ref, _ = model.reference_forward(ids)
+    model.runtime = RuntimeOptions(backend="queued", chunk_size=4, heads_per_band=4, t_inner=4, workers=1, compile=True,
+                                   decode_mode="compiled")
+    out, state = model(ids)
+    assert rel_err(out, ref) < TOL, f"seed={seed}"
+    stats = model.stats.as_dict()
+    assert stats["compiled_calls"] > 0 and stats["eager_calls"] == 0
+    # compiled decode equals eager decode
+    token = ids[:, -1:]
+    compiled_logits, _ = model(token, state)
+    model.runtime = RuntimeOptions(backend="queued", compile=False, decode_mode="eager")
+    eager_logits, _ = model(token, state)
+    assert rel_err(compiled_logits, eager_logits) < TOL
+
+
+def test_streams_and_graph_unavailable_on_cpu_fail_clearly(model):
+    with pytest.raises(DeviceUnavailableError, match="streams"):
+        model.runtime = RuntimeOptions(backend="queued", streams=2, compile=False)
+    with pytest.raises(DeviceUnavailableError, match="graph"):
+        model.runtime = RuntimeOptions(decode_mode="graph", compile=False)
+    with pytest.raises(UserError, match="heads_per_band=5"):
+        model.runtime = RuntimeOptions(backend="queued", heads_per_band=5)
+    # the failed assignments left the previous runtime in place
+    out, _ = model(torch.randint(0, 256, (1, 4)))
+    assert out.shape == (1, 4, 256)
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    (dict(t_inner=3, chunk_size=8), "t_inner=3 must divide chunk_size=8"),
+    (dict(backend="warp"), "unknown backend"),
+    (dict(decode_mode="turbo"), "unknown decode_mode"),
+    (dict(workers=0), "workers must be >= 1"),
+    (dict(chunk_size="x"), "chunk_size must be an integer"),
+])
+def test_options_validation_is_one_line(bad, fragment):
+    with pytest.raises(UserError) as info:
+        RuntimeOptions(**bad)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_env_round_trip_and_seed_names():
+    opts = RuntimeOptions(backend="ray", chunk_size=48, heads_per_band=2, workers=6, t_inner=8, streams=0, decode_mode="compiled")
+    env = opts.to_env()
+    assert env["XLSTM_CHUNKWISE_BACKEND"] == "chunkwise--ray_compiled_steps"
+    assert RuntimeOptions.from_env(env) == opts
+    for spelling in ("queued_compiled_steps", "chunkwise--queued_compiled_steps", "queued", "QUEUED"):
+        assert RuntimeOptions.from_env({"XLSTM_CHUNKWISE_BACKEND": spelling}).backend == "queued"
+    with pytest.raises(UserError, match="bad environment setting"):
+        RuntimeOptions.from_env({"XLSTM_T_INNER": "5"})
+    # precedence: CLI > best.json > environment > config > default
+    merged = RuntimeOptions.merged(cli={"workers": 2}, environ={"XLSTM_MPS_WORKERS": "7", "XLSTM_CHUNK_SIZE": "16"},
+                                   config={"chunk_size": 64, "workers": 9, "t_inner": 2})
+    assert (merged.workers, merged.chunk_size, merged.t_inner) == (2, 16, 2)
