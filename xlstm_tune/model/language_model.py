@@ -31,6 +31,8 @@ class LanguageModel:
     def __init__(self, net: XLSTMForCausalLM, tokenizer: Tokenizer, device: torch.device, model_id: str,
                  runtime: RuntimeOptions | None = None):
         self.net = net.eval()
+        self.net.fuse_projections()  # fewer, larger GEMMs; parameters stay loadable by name
+        self.net.set_matvec(dev.matvec_fn(device))  # batch-1 decode GEMV where the device has one
         self.tokenizer = tokenizer
         self.device = device
         self.model_id = model_id
@@ -58,7 +60,7 @@ class LanguageModel:
         if not isinstance(options, RuntimeOptions):
             raise UserError(f"model.runtime must be a RuntimeOptions, got {type(options).__name__}")
         cells = CellRuntime(options, self.device, self.config.num_heads)
-        decode = make_decode_step(options.decode_mode, self.net.decode_step, self.device)
+        decode = make_decode_step(options.decode_mode, self.net.decode_step, self.device, options.compile)
         if self._cells is not None:
             self._cells.close()
         self._options, self._cells, self._decode = options, cells, decode

@@ -6,7 +6,7 @@ swaps the runtime without touching the weights.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,36 @@ from xlstm_tune.runtime.cells import CellRuntime
 # Per block: mLSTM (C, n, m); sLSTM (conv_state, y, c, n, m). Recurrent parts float32.
 BlockState = tuple[Tensor, ...]
 ModelState = list[BlockState]
+
+
+@torch.no_grad()
+def _fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate Linear weights (and biases) into one tensor and re-point each Linear at its slice.
+
+    The module tree and state_dict names stay the same (checkpoints load into the views), the fused
+    matrix is the only storage, and one GEMM replaces several launches.
+    """
+    ref = linears[0].weight
+    rows = [lin.out_features for lin in linears]
+    weight = torch.empty(sum(rows), ref.shape[1], dtype=ref.dtype, device=ref.device)
+    has_bias = any(lin.bias is not None for lin in linears)
+    bias = torch.zeros(sum(rows), dtype=ref.dtype, device=ref.device) if has_bias else None
+    start = 0
+    for lin, n in zip(linears, rows):
+        weight[start:start + n].copy_(lin.weight)
+        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if lin.bias is not None:
+            bias[start:start + n].copy_(lin.bias)  # type: ignore[index]
+            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)  # type: ignore[index]
+        start += n
+    return weight, bias
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, matvec: Callable[..., Tensor] | None) -> Tensor:
+    """F.linear, or the device's batch-1 matrix-vector kernel when the input is a single row (decode)."""
+    if matvec is not None and x.numel() == x.shape[-1]:
+        return matvec(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def soft_cap(x: Tensor, cap: float | None) -> Tensor:
@@ -60,6 +90,8 @@ class MultiHeadLayerNorm(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU feed-forward."""
 
+    matvec: Callable[..., Tensor] | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fused = cfg.weight_mode == "fused"
@@ -71,16 +103,27 @@ class FeedForward(nn.Module):
             self.proj_up = nn.Linear(d, f, bias=cfg.use_bias)
         self.proj_down = nn.Linear(f, d, bias=cfg.use_bias)
         self.ffn_dim = f
+        self.up_weight: Tensor | None = None  # [2f, d] view-backed fusion of gate and up (see fuse)
+        self.up_bias: Tensor | None = None
+
+    def fuse(self) -> None:
+        """One GEMM for gate and up: both weights become views into one [2f, d] matrix (no extra memory)."""
+        if self.fused:
+            self.up_weight, self.up_bias = self.proj_up_gate_z.weight, self.proj_up_gate_z.bias
+            return
+        self.up_weight, self.up_bias = _fuse_linears([self.proj_up_gate, self.proj_up])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused:
-            gate, z = self.proj_up_gate_z(x).split(self.ffn_dim, dim=-1)
+        if self.up_weight is not None:
+            gate, z = linear(x, self.up_weight, self.up_bias, self.matvec).split(self.ffn_dim, dim=-1)
         else:
             gate, z = self.proj_up_gate(x), self.proj_up(x)
-        return self.proj_down(F.silu(gate) * z)
+        return linear(F.silu(gate) * z, self.proj_down.weight, self.proj_down.bias, self.matvec)
 
 
 class MLSTMLayer(nn.Module):
+    matvec: Callable[..., Tensor] | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -97,9 +140,21 @@ class MLSTMLayer(nn.Module):
             self.fgate_preact = nn.Linear(d, h, bias=True)
         self.multihead_norm = MultiHeadLayerNorm(h, cfg.v_head_dim, cfg.norm_eps, cfg.use_bias, cfg.norm_reduction_force_float32)
         self.out_proj = nn.Linear(v, d, bias=cfg.use_bias)
+        self.in_weight: Tensor | None = None  # q|k|v|o|i|f fused, view-backed (see fuse)
+        self.in_bias: Tensor | None = None
+
+    def fuse(self) -> None:
+        """One GEMM for q, k, v, o and both gates: the separate weights become views into one matrix."""
+        parts = [self.qkv_opreact, self.ifgate_preact] if self.cfg.weight_mode == "fused" else \
+            [self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact]
+        self.in_weight, self.in_bias = _fuse_linears(parts)
 
     def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         cfg = self.cfg
+        if self.in_weight is not None:
+            q, k, v, o, i, f = linear(x, self.in_weight, self.in_bias, self.matvec).split(
+                [cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim, cfg.num_heads, cfg.num_heads], dim=-1)
+            return q, k, v, o, soft_cap(i, cfg.gate_soft_cap), soft_cap(f, cfg.gate_soft_cap)
         if cfg.weight_mode == "fused":
             q, k, v, o = self.qkv_opreact(x).split([cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim], dim=-1)
             i, f = soft_cap(self.ifgate_preact(x), cfg.gate_soft_cap).split(cfg.num_heads, dim=-1)
@@ -123,7 +178,7 @@ class MLSTMLayer(nn.Module):
         else:
             h, state = runtime.mlstm(q, k, v, i, f, state)  # type: ignore[arg-type]
         h = self.multihead_norm(h.to(x.dtype).transpose(1, 2))
-        return self.out_proj(torch.sigmoid(o) * h), state
+        return linear(torch.sigmoid(o) * h, self.out_proj.weight, self.out_proj.bias, self.matvec), state
 
 
 class HeadwiseLinear(nn.Module):
@@ -217,11 +272,26 @@ class Backbone(nn.Module):
 class XLSTMForCausalLM(nn.Module):
     """Logits are float32 and soft-capped, as in the reference."""
 
+    matvec: Callable[..., Tensor] | None = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.backbone = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def set_matvec(self, fn: Callable[..., Tensor] | None) -> None:
+        """Route single-row linears (batch-1 decode) through `fn`; None restores F.linear everywhere."""
+        for module in self.modules():
+            if isinstance(module, (MLSTMLayer, FeedForward, XLSTMForCausalLM)):
+                module.matvec = fn
+
+    def fuse_projections(self) -> None:
+        """Fuse each mLSTM layer's input projections and each FFN's gate/up into single GEMMs."""
+        for block in self.backbone.blocks:
+            if not block.is_slstm:
+                block.mlstm_layer.fuse()
+            block.ffn.fuse()
 
     def init_state(self, batch: int, device: torch.device | None = None) -> ModelState:
         cfg = self.config
@@ -246,7 +316,7 @@ class XLSTMForCausalLM(nn.Module):
             x, block_state = block(x, block_state, runtime)
             new_state.append(block_state)
         x = self.backbone.out_norm(x)
-        logits = self.lm_head(x.to(self.lm_head.weight.dtype)).float()
+        logits = linear(x.to(self.lm_head.weight.dtype), self.lm_head.weight, None, self.matvec).float()
         return soft_cap(logits, self.config.output_logit_soft_cap), new_state
 
     def decode_step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:

@@ -285,6 +285,22 @@ def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int
     return graph, out
 
 
+def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
+    """The batch-1 matrix-vector kernel for this device, or None to use the framework's GEMM.
+
+    CUDA with Triton gets the Triton GEMV (decode at batch 1 is weight-bandwidth bound);
+    XLSTM_TRITON_GEMV=0 turns it off (A/B measurements, debugging).
+    """
+    dev = _as_device(device)
+    if dev.type != "cuda" or os.environ.get("XLSTM_TRITON_GEMV", "1").strip() == "0":
+        return None
+    try:
+        from xlstm_tune.kernels.gemv_triton import gemv
+    except ImportError:
+        return None
+    return gemv
+
+
 def _cxx_compiler_on_path() -> bool:
     candidates = [os.environ.get("CXX"), "c++", "g++", "clang++"]
     return any(c and shutil.which(c) for c in candidates)

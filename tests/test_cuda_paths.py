@@ -1,0 +1,79 @@
+"""CUDA-only paths: device streams for the queued backend, captured decode graphs, compiled kernels on GPU.
+
+These run on a machine with an NVIDIA GPU (`python -m pytest tests/test_cuda_paths.py`); on CPU-only
+machines the same paths are covered by the clear-error tests in test_runtime.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import rel_err
+from xlstm_tune import RuntimeOptions, load_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = load_model("tiny", device="cuda", runtime=RuntimeOptions(backend="native", compile=False))
+    yield m
+    m.close()
+
+
+@pytest.mark.parametrize("options", [
+    RuntimeOptions(backend="native", chunk_size=16, compile=True),
+    RuntimeOptions(backend="queued", chunk_size=8, t_inner=4, heads_per_band=3, workers=2, streams=2, compile=False),
+    RuntimeOptions(backend="queued", chunk_size=8, t_inner=4, heads_per_band=1, workers=4, streams=4, compile=True),
+], ids=["native-compiled", "queued-streams", "queued-streams-compiled"])
+def test_cuda_backends_match_reference(model, seed, options):
+    ids = torch.randint(0, 256, (2, 45), device="cuda")
+    ref, _ = model.reference_forward(ids)
+    model.runtime = options
+    out, state = model(ids)
+    assert rel_err(out, ref) < TOL, f"seed={seed}"
+
+
+@pytest.mark.parametrize("mode", ["graph", "compiled"])
+def test_decode_modes_match_eager_and_generate_the_same_tokens(model, seed, mode):
+    prompt = torch.randint(0, 256, (2, 20), device="cuda")
+    model.runtime = RuntimeOptions(backend="native", compile=False, decode_mode="eager")
+    want_tokens, want_state = model.generate(prompt, max_new_tokens=24)
+    _, state = model(prompt)
+    want_logits, _ = model(prompt[:, -1:], state)
+    model.runtime = RuntimeOptions(backend="native", compile=False, decode_mode=mode)
+    _, state = model(prompt)
+    logits, _ = model(prompt[:, -1:], state)
+    assert rel_err(logits, want_logits) < TOL, f"seed={seed}"
+    tokens, got_state = model.generate(prompt, max_new_tokens=24)
+    assert torch.equal(tokens, want_tokens)
+    for a, b in zip(got_state, want_state):
+        for x, y in zip(a, b):
+            assert rel_err(x, y) < TOL or torch.equal(x, y)
+
+
+def test_bf16_model_on_cuda_keeps_float32_state_and_tracks_reference(seed):
+    m = load_model("xlstm-20m", device="cuda", dtype="bfloat16",
+                   runtime=RuntimeOptions(backend="native", chunk_size=64, compile=True, decode_mode="graph"))
+    ids = torch.randint(0, 4096, (1, 300), device="cuda")
+    ref, _ = m.reference_forward(ids)
+    out, state = m(ids)
+    assert all(t.dtype == torch.float32 for block in state for t in block)
+    assert rel_err(out, ref) < 1e-2, f"seed={seed}"
+    m.close()
+
+
+@pytest.mark.parametrize("n,k", [(12304, 4096), (100, 37), (4096, 10944)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gemv_matches_float64(seed, n, k, dtype):
+    from xlstm_tune.kernels.gemv_triton import gemv
+
+    w = torch.randn(n, k, device="cuda", dtype=dtype)
+    x = torch.randn(1, 1, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    ref = x.double().view(1, k) @ w.double().T + b.double()
+    y = gemv(x, w, b)
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 output rounding
+    assert rel_err(y.view(1, n), ref) < tol, f"seed={seed}"
