@@ -36,6 +36,9 @@ OUR_CONFIGS = {
     "default": {},
     "native": dict(backend="native", chunk_size=64, compile=True, decode_mode="graph"),
     "native-c128": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph"),
+    "native-c256": dict(backend="native", chunk_size=256, compile=True, decode_mode="graph"),
+    "native-c128-no-gemv": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
+                                _env={"XLSTM_TRITON_GEMV": "0"}),  # A/B: framework GEMM in decode
     "native-compiled-decode": dict(backend="native", chunk_size=64, compile=True, decode_mode="compiled"),
     "queued-streams": dict(backend="queued", chunk_size=64, t_inner=16, heads_per_band=2, workers=4, streams=4,
                            compile=True, decode_mode="graph"),
@@ -111,10 +114,11 @@ def worker_ours(model_name: str, config: dict, args) -> dict:
     sys.path.insert(0, str(REPO))
     from xlstm_tune import RuntimeOptions, load_model
 
+    opts = dict(config)
+    os.environ.update(opts.pop("_env", {}))  # before load: the model picks its decode GEMV at load
     t0 = time.perf_counter()
     model = load_model(model_name, device=args.device, dtype=args.dtype, runtime=RuntimeOptions(backend="native", compile=False))
     load_s = time.perf_counter() - t0
-    opts = dict(config)
     if "heads_per_band" not in opts:
         opts["heads_per_band"] = min(4, model.config.num_heads)
     model.runtime = RuntimeOptions(**opts)

@@ -16,6 +16,7 @@ from xlstm_tune.kernels.mlstm import mlstm_step, zero_state
 from xlstm_tune.kernels.slstm import slstm_step, slstm_zero_state
 from xlstm_tune.model.config import ModelConfig
 from xlstm_tune.runtime.cells import CellRuntime
+from xlstm_tune.runtime.tiles import compiled
 
 # Per block: mLSTM (C, n, m); sLSTM (conv_state, y, c, n, m). Recurrent parts float32.
 BlockState = tuple[Tensor, ...]
@@ -56,6 +57,49 @@ def soft_cap(x: Tensor, cap: float | None) -> Tensor:
     return x if cap is None else cap * torch.tanh(x / cap)
 
 
+# ---- the block math as plain functions: shared by the modules, the decode step and the compiled prefill
+def rms_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, force_float32: bool) -> Tensor:
+    dtype = x.dtype
+    y = x.float() if force_float32 else x
+    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * weight
+    return y if bias is None else y + bias
+
+
+def head_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, force_float32: bool) -> Tensor:
+    """Layer norm over each head's features; [B, S, H, D] -> [B, S, H*D]."""
+    dtype = x.dtype
+    y = x.float() if force_float32 else x
+    y = (y - y.mean(-1, keepdim=True)) * torch.rsqrt(y.var(-1, keepdim=True, unbiased=False) + eps)
+    y = y.to(dtype).flatten(-2) * weight
+    return y if bias is None else y + bias
+
+
+def swiglu(x: Tensor, up_w: Tensor, up_b: Tensor | None, down_w: Tensor, down_b: Tensor | None, ffn_dim: int,
+           matvec: Callable[..., Tensor] | None) -> Tensor:
+    gate, z = linear(x, up_w, up_b, matvec).split(ffn_dim, dim=-1)
+    return linear(F.silu(gate) * z, down_w, down_b, matvec)
+
+
+def mlstm_block_in(x: Tensor, norm: tuple, in_w: Tensor, in_b: Tensor | None, splits: tuple[int, ...], heads: int,
+                   cap: float | None, matvec: Callable[..., Tensor] | None) -> tuple[Tensor, ...]:
+    """Pre-norm and the fused projection: q, k, v [B,H,S,*], output gate o [B,S,V], gates i, f [B,H,S]."""
+    B, S, _ = x.shape
+    q, k, v, o, i, f = linear(rms_norm(x, *norm), in_w, in_b, matvec).split(list(splits), dim=-1)
+    q = q.view(B, S, heads, -1).transpose(1, 2)
+    k = k.view(B, S, heads, -1).transpose(1, 2)
+    v = v.view(B, S, heads, -1).transpose(1, 2)
+    return q, k, v, o, soft_cap(i, cap).transpose(1, 2), soft_cap(f, cap).transpose(1, 2)
+
+
+def mlstm_block_out(x: Tensor, h: Tensor, o: Tensor, head_norm_args: tuple, out_w: Tensor, out_b: Tensor | None,
+                    ffn_norm: tuple, up_w: Tensor, up_b: Tensor | None, down_w: Tensor, down_b: Tensor | None,
+                    ffn_dim: int, matvec: Callable[..., Tensor] | None) -> Tensor:
+    """Head norm, output gate, out projection and residual; then the pre-norm SwiGLU and residual."""
+    hn = head_norm(h.to(x.dtype).transpose(1, 2), *head_norm_args)
+    x = x + linear(torch.sigmoid(o) * hn, out_w, out_b, matvec)
+    return x + swiglu(rms_norm(x, *ffn_norm), up_w, up_b, down_w, down_b, ffn_dim, matvec)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, use_bias: bool = False, force_float32: bool = True):
         super().__init__()
@@ -64,10 +108,7 @@ class RMSNorm(nn.Module):
         self.eps, self.force_float32 = eps, force_float32
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        y = x.float() if self.force_float32 else x
-        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype) * self.weight
-        return y if self.bias is None else y + self.bias
+        return rms_norm(x, self.weight, self.bias, self.eps, self.force_float32)
 
 
 class MultiHeadLayerNorm(nn.Module):
@@ -80,11 +121,7 @@ class MultiHeadLayerNorm(nn.Module):
         self.eps, self.force_float32 = eps, force_float32
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        y = x.float() if self.force_float32 else x
-        y = (y - y.mean(-1, keepdim=True)) * torch.rsqrt(y.var(-1, keepdim=True, unbiased=False) + self.eps)
-        y = y.to(dtype).flatten(-2) * self.weight
-        return y if self.bias is None else y + self.bias
+        return head_norm(x, self.weight, self.bias, self.eps, self.force_float32)
 
 
 class FeedForward(nn.Module):
@@ -114,11 +151,9 @@ class FeedForward(nn.Module):
         self.up_weight, self.up_bias = _fuse_linears([self.proj_up_gate, self.proj_up])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.up_weight is not None:
-            gate, z = linear(x, self.up_weight, self.up_bias, self.matvec).split(self.ffn_dim, dim=-1)
-        else:
-            gate, z = self.proj_up_gate(x), self.proj_up(x)
-        return linear(F.silu(gate) * z, self.proj_down.weight, self.proj_down.bias, self.matvec)
+        if self.up_weight is None:
+            self.fuse()
+        return swiglu(x, self.up_weight, self.up_bias, self.proj_down.weight, self.proj_down.bias, self.ffn_dim, self.matvec)
 
 
 class MLSTMLayer(nn.Module):
@@ -149,36 +184,10 @@ class MLSTMLayer(nn.Module):
             [self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact]
         self.in_weight, self.in_bias = _fuse_linears(parts)
 
-    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    @property
+    def splits(self) -> tuple[int, ...]:
         cfg = self.cfg
-        if self.in_weight is not None:
-            q, k, v, o, i, f = linear(x, self.in_weight, self.in_bias, self.matvec).split(
-                [cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim, cfg.num_heads, cfg.num_heads], dim=-1)
-            return q, k, v, o, soft_cap(i, cfg.gate_soft_cap), soft_cap(f, cfg.gate_soft_cap)
-        if cfg.weight_mode == "fused":
-            q, k, v, o = self.qkv_opreact(x).split([cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim], dim=-1)
-            i, f = soft_cap(self.ifgate_preact(x), cfg.gate_soft_cap).split(cfg.num_heads, dim=-1)
-        else:
-            q, k, v, o = self.q(x), self.k(x), self.v(x), self.ogate_preact(x)
-            i = soft_cap(self.igate_preact(x), cfg.gate_soft_cap)
-            f = soft_cap(self.fgate_preact(x), cfg.gate_soft_cap)
-        return q, k, v, o, i, f
-
-    def forward(self, x: Tensor, state: BlockState, runtime: Optional[CellRuntime]) -> tuple[Tensor, BlockState]:
-        B, S, _ = x.shape
-        H = self.cfg.num_heads
-        q, k, v, o, i, f = self.projections(x)
-        q = q.view(B, S, H, -1).transpose(1, 2)
-        k = k.view(B, S, H, -1).transpose(1, 2)
-        v = v.view(B, S, H, -1).transpose(1, 2)
-        i, f = i.transpose(1, 2), f.transpose(1, 2)  # [B, H, S]
-        if runtime is None:  # one-token decode: plain step over all heads
-            h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f, state)  # type: ignore[arg-type]
-            h = h[:, :, None]
-        else:
-            h, state = runtime.mlstm(q, k, v, i, f, state)  # type: ignore[arg-type]
-        h = self.multihead_norm(h.to(x.dtype).transpose(1, 2))
-        return linear(torch.sigmoid(o) * h, self.out_proj.weight, self.out_proj.bias, self.matvec), state
+        return (cfg.qk_dim, cfg.qk_dim, cfg.v_dim, cfg.v_dim, cfg.num_heads, cfg.num_heads)
 
 
 class HeadwiseLinear(nn.Module):
@@ -255,10 +264,34 @@ class Block(nn.Module):
     def forward(self, x: Tensor, state: BlockState, runtime: Optional[CellRuntime]) -> tuple[Tensor, BlockState]:
         if self.is_slstm:
             y, state = self.slstm_layer(self.norm_slstm(x), state, runtime)
+            x = x + y
+            return x + self.ffn(self.norm_ffn(x)), state
+        return self._mlstm_forward(x, state, runtime)
+
+    def _mlstm_forward(self, x: Tensor, state: BlockState, runtime: Optional[CellRuntime]) -> tuple[Tensor, BlockState]:
+        layer, ffn = self.mlstm_layer, self.ffn
+        if layer.in_weight is None or ffn.up_weight is None:
+            layer.fuse()
+            ffn.fuse()
+        block_in, block_out = mlstm_block_in, mlstm_block_out
+        if runtime is not None and runtime.tile.compile:
+            # Prefill: the elementwise work around the GEMMs fuses into a few kernels. Plain functions of
+            # tensors compile once and serve every layer (no per-module recompiles).
+            block_in = compiled("mlstm_block_in", mlstm_block_in)
+            block_out = compiled("mlstm_block_out", mlstm_block_out)
+        norm = self.norm_mlstm
+        q, k, v, o, i, f = block_in(x, (norm.weight, norm.bias, norm.eps, norm.force_float32), layer.in_weight, layer.in_bias,
+                                    layer.splits, layer.cfg.num_heads, layer.cfg.gate_soft_cap, layer.matvec)
+        if runtime is None:  # one-token decode: plain step over all heads
+            h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i, f, state)  # type: ignore[arg-type]
+            h = h[:, :, None]
         else:
-            y, state = self.mlstm_layer(self.norm_mlstm(x), state, runtime)
-        x = x + y
-        return x + self.ffn(self.norm_ffn(x)), state
+            h, state = runtime.mlstm(q, k, v, i, f, state)  # type: ignore[arg-type]
+        mh, fn = layer.multihead_norm, self.norm_ffn
+        x = block_out(x, h, o, (mh.weight, mh.bias, mh.eps, mh.force_float32), layer.out_proj.weight, layer.out_proj.bias,
+                      (fn.weight, fn.bias, fn.eps, fn.force_float32), ffn.up_weight, ffn.up_bias, ffn.proj_down.weight,
+                      ffn.proj_down.bias, ffn.ffn_dim, layer.matvec)
+        return x, state
 
 
 class Backbone(nn.Module):
