@@ -155,6 +155,18 @@ def _randomize(model) -> None:
             p.normal_(0, 0.02)
 
 
+# transformers renamed the xLSTM cache (`cache_params` -> `cache`) between 5.17 and 5.24: accept both.
+_CACHE_KW = "cache"
+
+
+def _cache_of(out):
+    global _CACHE_KW
+    if getattr(out, "cache", None) is not None:
+        return out.cache
+    _CACHE_KW = "cache_params"
+    return out.cache_params
+
+
 def worker_transformers(model_name: str, args) -> dict:
     import transformers
     from transformers.utils import is_xlstm_available
@@ -174,10 +186,10 @@ def worker_transformers(model_name: str, args) -> dict:
     @torch.no_grad()
     def decode(n: int) -> None:
         out = model(prompt, use_cache=True)
-        cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+        cache, tok = _cache_of(out), out.logits[:, -1:].argmax(-1)
         for _ in range(n):
-            out = model(tok, cache=cache, use_cache=True)
-            cache, tok = out.cache, out.logits[:, -1:].argmax(-1)
+            out = model(tok, **{_CACHE_KW: cache}, use_cache=True)
+            cache, tok = _cache_of(out), out.logits[:, -1:].argmax(-1)
 
     res = _measure(prefill, decode, args.lengths, args.new_tokens, args.repeats, args.device, model.config.vocab_size)
     res["path"] = "transformers native" + (" (WARNING: external xlstm importable)" if is_xlstm_available() else "")

@@ -3,19 +3,26 @@
 Each test scripts the server: a list of actions, one per incoming request (the last one repeats).
 The server records every request (path, headers, decoded JSON body) so tests can check what the
 client really sent.
+
+Speed is measured, not asserted: no test compares a wall time with a threshold. Timeouts and
+backoff are checked by what they cause (how many requests the server saw, whether the answer is
+valid) and by the delays the client asked for (the ``sleeps`` fixture records them).
 """
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from xlstm_tune.errors import UserError
+from xlstm_tune.quality import judges as judges_module
 from xlstm_tune.quality.judges import (
     SCORES_SCHEMA,
     BuiltinJudge,
@@ -110,6 +117,18 @@ def server():
         srv.close()
 
 
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The backoff delays the judge asks for, recorded instead of slept (HTTP stays real).
+
+    Only the judges module's view of ``time`` is replaced, so the server thread is unaffected.
+    """
+    asked: list[float] = []
+    fake_time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=asked.append)
+    monkeypatch.setattr(judges_module, "time", fake_time)
+    return asked
+
+
 def ollama_ok(content: str = json.dumps(GOOD), **extra: Any) -> dict[str, Any]:
     return {"json": ollama_envelope(content), **extra}
 
@@ -131,7 +150,8 @@ def test_ollama_good_answer_and_request_body(server: ScriptedServer) -> None:
 
     assert res.valid and res.error is None and res.attempts == 1
     assert res.scores == JudgeScores(7, 8, 9, 8, "Clear and on topic.")
-    assert json.loads(res.raw) == GOOD and res.latency_s > 0
+    assert json.loads(res.raw) == GOOD
+    assert isinstance(res.latency_s, float) and math.isfinite(res.latency_s)  # recorded, not judged
 
     (req,) = server.requests
     assert req["path"] == "/api/chat"
@@ -235,17 +255,23 @@ def test_openai_refusal_is_invalid(server: ScriptedServer) -> None:
 # ------------------------------------------------------------------------- transport & retries
 
 
-def test_slow_server_times_out_then_retry_succeeds(server: ScriptedServer) -> None:
+def test_slow_server_times_out_then_retry_succeeds(server: ScriptedServer, sleeps: list[float]) -> None:
+    # The first answer is valid but arrives after the client's timeout. Had the client waited for
+    # it, the call would have succeeded on attempt 1; a second request proves it gave up and retried.
     server.script(ollama_ok(sleep=0.8), ollama_ok())
     res = OllamaJudge(server.url, "m", timeout_s=0.25, retries=2, backoff_s=0.01).judge("p", "c")
-    assert res.valid and res.attempts == 2
-    assert 0.25 <= res.latency_s < 0.8  # the client did not wait for the slow answer
+    assert res.valid and res.error is None
+    assert res.attempts == 2 and len(server.requests) == 2
+    assert server.requests[0]["body"] == server.requests[1]["body"]  # the same request, retried
+    assert sleeps == [0.01]  # one backoff between the two attempts
 
 
 def test_always_slow_server_gives_invalid_timeout(server: ScriptedServer) -> None:
     server.script(ollama_ok(sleep=0.6))
     res = OllamaJudge(server.url, "m", timeout_s=0.15, retries=1, backoff_s=0.01).judge("p", "c")
-    assert not res.valid and res.attempts == 2 and "timed out" in res.error
+    assert not res.valid and res.scores is None
+    assert res.attempts == 2 and len(server.requests) == 2
+    assert "timed out after 0.15 s" in res.error and "after 2 attempt(s)" in res.error
 
 
 def test_500_twice_then_success(server: ScriptedServer) -> None:
@@ -255,14 +281,14 @@ def test_500_twice_then_success(server: ScriptedServer) -> None:
     assert res.valid and res.attempts == 3 and len(server.requests) == 3
 
 
-def test_persistent_503_exhausts_retries_with_exponential_backoff(server: ScriptedServer) -> None:
+def test_persistent_503_exhausts_retries_with_exponential_backoff(
+    server: ScriptedServer, sleeps: list[float]
+) -> None:
     server.script({"status": 503, "json": {"error": "overloaded"}})
-    t0 = time.perf_counter()
-    res = OllamaJudge(server.url, "m", retries=2, timeout_s=2.0, backoff_s=0.1).judge("p", "c")
-    elapsed = time.perf_counter() - t0
-    assert not res.valid and res.attempts == 3 and len(server.requests) == 3
+    res = OllamaJudge(server.url, "m", retries=3, timeout_s=2.0, backoff_s=0.1).judge("p", "c")
+    assert not res.valid and res.attempts == 4 and len(server.requests) == 4
     assert "HTTP 503" in res.error and "overloaded" in res.error
-    assert elapsed >= 0.1 + 0.2  # backoff 0.1 then 0.2 s
+    assert sleeps == pytest.approx([0.1, 0.2, 0.4])  # doubling backoff, none after the last attempt
 
 
 def test_400_is_not_retried(server: ScriptedServer) -> None:
@@ -273,11 +299,19 @@ def test_400_is_not_retried(server: ScriptedServer) -> None:
     assert "not found" in res.raw
 
 
-def test_429_is_retried_and_retry_after_honoured(server: ScriptedServer) -> None:
+def test_429_is_retried_and_retry_after_honoured(server: ScriptedServer, sleeps: list[float]) -> None:
     server.script({"status": 429, "json": {"error": "rate"}, "headers": {"Retry-After": "0.3"}},
                   {"json": openai_envelope(json.dumps(GOOD))})
     res = OpenAIJudge(server.url, "m", api_key="k", **FAST).judge("p", "c")
-    assert res.valid and res.attempts == 2 and res.latency_s >= 0.3
+    assert res.valid and res.attempts == 2 and len(server.requests) == 2
+    assert sleeps == [0.3]  # the server's Retry-After, not the client's 0.01 s backoff
+
+
+def test_retry_after_never_shortens_the_backoff(server: ScriptedServer, sleeps: list[float]) -> None:
+    server.script({"status": 429, "json": {"error": "rate"}, "headers": {"Retry-After": "0"}},
+                  {"json": openai_envelope(json.dumps(GOOD))})
+    res = OpenAIJudge(server.url, "m", backoff_s=0.2, timeout_s=2.0).judge("p", "c")
+    assert res.valid and res.attempts == 2 and sleeps == [0.2]
 
 
 def test_connection_refused_is_retried() -> None:

@@ -413,7 +413,7 @@ def plot_history(
 def plot_param_importances(
     importances: Mapping[str, float], out_path: str | Path, metric: str | None = None
 ) -> Path:
-    """Horizontal bars of knob importances (computed elsewhere, e.g. optuna's fANOVA), largest on top.
+    """Horizontal bars of knob importances (computed elsewhere, e.g. optuna.importance), largest on top.
 
     Tells where further tuning effort pays off; a knob near zero did not move ``metric``.
     """
@@ -422,7 +422,7 @@ def plot_param_importances(
     fig, (ax,) = _new_figure(7.5, max(3.0, 0.45 * len(items) + 1.6))
     what = f" for {_metric_names(metric)[0]}" if metric else ""
     ax.set_title(f"Knob importance{what}")
-    ax.set_xlabel("importance (fraction of explained variance, unitless)")
+    ax.set_xlabel("importance (normalised: the knobs sum to 1; unitless)")
     ax.set_ylabel("knob")
     if not items:
         _no_data(ax, "no importances (too few completed trials?)")
