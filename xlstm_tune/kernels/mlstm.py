@@ -15,7 +15,6 @@ it matches the step recurrence up to float rounding, not only up to the stabilis
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

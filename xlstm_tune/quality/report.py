@@ -17,12 +17,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from xlstm_tune.atomic_files import write_text_atomic
 from xlstm_tune.quality.plots import KNOBS, _is_feasible, _num, _state
 
 __all__ = ["REPORT_NAME", "TOP_N", "write_report"]
@@ -107,22 +107,6 @@ def _fence(text: str, lang: str = "") -> list[str]:
 def _link_target(path: Path, base: Path) -> str:
     rel = os.path.relpath(path.resolve(), base.resolve()).replace(os.sep, "/")
     return f"<{rel}>" if re.search(r"[\s()<>]", rel) else rel
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """Temp file beside ``path``, fsync, rename: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # ---- sections -----------------------------------------------------------------------------------
@@ -373,4 +357,4 @@ def write_report(
     lines += _best_section(best_path)
     if notes:
         lines += ["## Notes", "", *[f"- {' '.join(str(n).split())}" for n in notes], ""]
-    return _write_text_atomic(root / REPORT_NAME, "\n".join(lines).rstrip("\n") + "\n")
+    return write_text_atomic(root / REPORT_NAME, "\n".join(lines).rstrip("\n") + "\n")

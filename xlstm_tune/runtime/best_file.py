@@ -22,11 +22,10 @@ Layout (schema "xlstm_tune.best/1")::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from xlstm_tune.atomic_files import write_json_atomic
 from xlstm_tune.errors import UserError
 
 SCHEMA = "xlstm_tune.best/1"
@@ -114,24 +113,6 @@ def knobs_for_context(best: dict[str, Any], context_len: int | None = None) -> d
         return dict(contexts[-1]["knobs"])
     chosen = min(contexts, key=lambda e: (abs(e["context_len"] - context_len), -e["context_len"]))
     return dict(chosen["knobs"])
-
-
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON to a temporary file beside `path`, fsync, then rename: never a half-written file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 def write_best(path: str | Path, data: dict[str, Any]) -> Path:

@@ -19,13 +19,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from xlstm_tune.errors import UserError
-from xlstm_tune.runtime.best_file import write_json_atomic
+from xlstm_tune.atomic_files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,38 +70,6 @@ def json_safe(value: Any) -> Any:
         except (TypeError, ValueError):
             pass
     return str(value)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere (Windows), so best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write text to a temp file beside `path`, fsync, rename: readers see the old or the new file, whole."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(p.parent)
-    return p
 
 
 def _trial_number(record: Mapping[str, Any]) -> int:
