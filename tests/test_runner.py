@@ -98,3 +98,20 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_log(tmp_path):
     lines = stats.read_text().splitlines()
     assert lines[0] == "step,dt_ms,cum_ms,inst_tok_s,avg_tok_s" and len(lines) >= 20
     assert all(len(line.split(",")) == 5 for line in lines)  # every line complete
+
+
+def test_ray_that_cannot_start_is_a_clear_error(tmp_path):
+    """XLSTM_RAY_LOCAL_MODE=0 joins a running cluster; with none running the runner says so in one line."""
+    env = {**ENV, "XLSTM_RAY_LOCAL_MODE": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, "-m", "xlstm_tune", "run", "--device", "cpu", "--backend", "ray", "--no-compile",
+                           "--max-new-tokens", "2"], capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Ray could not start" in lines[0] and "--backend queued" in lines[0]
+
+
+def test_ray_backend_runs_end_to_end_and_shuts_down(tmp_path):
+    proc = _run("--backend", "ray", "--no-compile", "--heads-per-band", "2", "--chunk-size", "8", "--t-inner", "4",
+                "--max-new-tokens", "4", "--prompt", "ray test")
+    assert proc.returncode == 0, proc.stderr
+    assert "mlstm.step_block.eager" in proc.stdout
