@@ -1,0 +1,110 @@
+"""`python -m xlstm_tune bench`: prefill and decode throughput of one configuration.
+
+    python -m xlstm_tune bench --model tiny --prefill-len 512,2048 --new-tokens 32 --backend native --json
+
+Knobs: flags > --best best.json > XLSTM_* environment > built-in defaults. Prompts: --prompt,
+--prompt-file, or synthetic ids of every --prefill-len (default 512). Figures follow DESIGN.md §5: device
+sync before every clock read, the first (compiling) call timed apart, warm-up, repeats, median with
+p20/p80 and CV, re-measured while the CV is above --max-cv. Rows are named like llama-bench's:
+`pp<N>` prefill of N tokens, `tg<N>` decode of N tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from xlstm_tune.cli.common import (
+    add_knob_flags,
+    add_model_flags,
+    add_prompt_flags,
+    positive,
+    prefill_lengths,
+    prompt_source,
+    runtime_options,
+)
+from xlstm_tune.errors import UserError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="measure prefill and decode throughput of one configuration",
+                              description=__doc__.splitlines()[0])
+    add_model_flags(p)
+    add_prompt_flags(p, new_tokens_flag="--new-tokens")
+    add_knob_flags(p, multi=False, best=True)
+    g = p.add_argument_group("measuring")
+    g.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls after the first (default 1)")
+    g.add_argument("--max-cv", type=float, default=0.10, metavar="X",
+                   help="re-measure while the coefficient of variation exceeds this (default 0.10)")
+    g.add_argument("--max-rounds", type=int, default=3, metavar="N", help="measurement rounds at most (default 3)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompt and the preset weights")
+    g.add_argument("--decode-csv", default=None, metavar="PATH",
+                   help="write per-step decode times (step,dt_ms,cum_ms,inst_tok_s,avg_tok_s)")
+    g.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    p.set_defaults(func=run)
+    return p
+
+
+def _row(name: str, tokens: int, s: Any, first: float, compile_s: float, flag: str) -> list[str]:
+    return [name, str(tokens), f"{s.median:,.1f}", f"{s.p20:,.1f}", f"{s.p80:,.1f}", f"{s.cv * 100:.1f}%",
+            str(s.n), f"{first:.3f}", f"{compile_s:.3f}", flag]
+
+
+def run(args: argparse.Namespace) -> int:
+    from xlstm_tune import load_model
+    from xlstm_tune.bench.harness import BenchSettings, run_benchmark, write_decode_csv
+    from xlstm_tune.bench.workload import describe_model
+    from xlstm_tune.runtime.device import device_summary
+
+    for flag, value in (("--new-tokens", args.new_tokens), ("--repeats", args.repeats),
+                        ("--max-rounds", args.max_rounds), ("--max-cv", args.max_cv)):
+        positive(flag, value)
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    model_name = args.model or "tiny"
+    info = describe_model(model_name)
+    lengths: list[int | None] = list(prefill_lengths(args))
+    source = prompt_source(args, seed=args.seed)
+    if not lengths:
+        lengths = [None] if not source.synthetic else [512]
+    options = runtime_options(args, context_len=max((n for n in lengths if n), default=None),
+                              num_heads=info["num_heads"])
+    settings = BenchSettings(warmup=args.warmup, repeats=args.repeats or 5, max_cv=args.max_cv,
+                             max_rounds=args.max_rounds)
+    new_tokens = 32 if args.new_tokens is None else args.new_tokens
+    model = load_model(model_name, device=args.device or "auto", dtype=args.dtype, runtime=options, seed=args.seed)
+    try:
+        report = run_benchmark(model, lengths, source, new_tokens, settings, model_info=info)
+    finally:
+        model.close()
+    if args.decode_csv and report.decode is not None:
+        write_decode_csv(args.decode_csv, report.decode.steps)
+    dev = device_summary(model.device)
+    if args.json:
+        out = report.as_dict() | {"model": info, "device": dev, "dtype": str(model.dtype).removeprefix("torch."),
+                                  "settings": settings.as_dict(), "env": options.to_env()}
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+    else:
+        k = options
+        sys.stdout.write(f"{model_name} on {dev['device']} ({dev['device_name']}), {str(model.dtype).removeprefix('torch.')}, "
+                         f"torch {dev['torch_version']}\n")
+        sys.stdout.write(f"knobs: backend={k.backend} chunk_size={k.chunk_size} heads_per_band={k.heads_per_band} "
+                         f"workers={k.workers} t_inner={k.t_inner} streams={k.streams} decode_mode={k.decode_mode} "
+                         f"compile={k.compile}\n\n")
+        rows = [_row(f"pp{p.context_len}", p.tokens, p.tok_s, p.first_call_s, p.compile_s, "cv high" if p.cv_high else "")
+                for p in report.prefill]
+        if report.decode is not None:
+            d = report.decode
+            rows.append(_row(f"tg{d.new_tokens}", d.new_tokens, d.tok_s, d.first_call_s, d.compile_s,
+                             "cv high" if d.cv_high else ""))
+        header = ["test", "tokens", "tok/s", "p20", "p80", "cv", "n", "first call s", "compile s", ""]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        for line in [header, ["-" * w for w in widths], *rows]:
+            sys.stdout.write("  ".join(c.rjust(w) if i and i < 9 else c.ljust(w)
+                                       for i, (c, w) in enumerate(zip(line, widths))).rstrip() + "\n")
+        paths = sorted({path for p in report.prefill for path in p.stats.get("kernel_paths", {})})
+        sys.stdout.write(f"\nkernel paths: {', '.join(paths)}\n")
+    for flag in report.flags:
+        sys.stderr.write(f"note: {flag}\n")
+    return 0

@@ -1,0 +1,139 @@
+"""Flags shared by the subcommands (DESIGN.md §4 "Command line"), defined once.
+
+    add_model_flags(p)                          --model --device --dtype
+    add_prompt_flags(p, new_tokens_flag=...)    --prompt --prompt-file --prefill-len --new-tokens|--max-new-tokens --repeats
+    add_knob_flags(p, multi=False, best=True)   --backend (--chunkwise-backend) --chunk-size --heads-per-band --workers
+                                                --t-inner --streams --decode-mode --compile/--no-compile [--best]
+
+and the readers that turn parsed flags into objects: `knob_overrides`, `runtime_options` (precedence
+CLI flag > best.json > environment > built-in default), `prompt_source`, `prefill_lengths`.
+Every default is None ("not given"), so a reader can tell a flag the user typed from a default and a spec
+or best.json can fill the rest. With `multi=True` (the study command) a knob flag takes a comma-separated
+list of values: one value fixes the knob, several make it the searched choices.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from typing import Any
+
+from xlstm_tune.errors import UserError
+
+KNOB_FLAGS = {
+    # knob: (flags, metavar, help)
+    "backend": (("--backend", "--chunkwise-backend"), "NAME",
+                "prefill scheduler: native, queued or ray (seed names like queued_compiled_steps accepted)"),
+    "chunk_size": (("--chunk-size",), "N", "tokens per chunk"),
+    "heads_per_band": (("--heads-per-band",), "N", "heads per scheduled task (band)"),
+    "workers": (("--workers",), "N", "coordinator threads of the queued backend"),
+    "t_inner": (("--t-inner",), "N", "timesteps per step-block call; must divide --chunk-size"),
+    "streams": (("--streams",), "N", "device streams for the queued backend (0: none)"),
+    "decode_mode": (("--decode-mode",), "MODE", "decode step: eager, compiled or graph"),
+}
+_INT_KNOBS = ("chunk_size", "heads_per_band", "workers", "t_inner", "streams")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="NAME|DIR",
+                   help="preset (tiny, xlstm-20m, xlstm-350m, xlstm-7b) or a Hugging Face checkpoint directory")
+    g.add_argument("--device", default=None, metavar="DEV", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", default=None, metavar="DTYPE", help="weight dtype: float32 (default), bfloat16 or float16")
+
+
+def add_prompt_flags(parser: argparse.ArgumentParser, *, new_tokens_flag: str = "--new-tokens",
+                     lengths: bool = True, repeats: bool = True) -> None:
+    g = parser.add_argument_group("workload")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, metavar="TEXT", help="prompt text")
+    src.add_argument("--prompt-file", default=None, metavar="PATH", help="read the prompt from a UTF-8 text file")
+    if lengths:
+        g.add_argument("--prefill-len", default=None, metavar="N[,N...]",
+                       help="prompt lengths in tokens, e.g. 512,2048,8192 (synthetic ids, or the prompt repeated/cut)")
+    dest = new_tokens_flag.lstrip("-").replace("-", "_")
+    g.add_argument(new_tokens_flag, dest=dest, type=int, default=None, metavar="N", help="tokens to decode")
+    if repeats:
+        g.add_argument("--repeats", type=int, default=None, metavar="N", help="timed repetitions per measurement")
+
+
+def add_knob_flags(parser: argparse.ArgumentParser, *, multi: bool = False, best: bool = True) -> None:
+    g = parser.add_argument_group("runtime knobs" + (" (comma-separated values: one fixes the knob, several are searched)"
+                                                      if multi else ""))
+    for knob, (flags, metavar, help_) in KNOB_FLAGS.items():
+        g.add_argument(*flags, dest=knob, default=None, metavar=metavar + ("[,...]" if multi else ""), help=help_)
+    g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the prefill kernels (--no-compile runs them eagerly)")
+    if best:
+        g.add_argument("--best", default=None, metavar="PATH",
+                       help="apply the knobs of a best.json written by `study`/`export` (flags still win)")
+
+
+def _one(knob: str, text: Any) -> Any:
+    from xlstm_tune.study.spec import normalize_knob_value
+
+    return normalize_knob_value(knob, text, f"--{knob.replace('_', '-')}")
+
+
+def knob_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Single knob values given on the command line (knob -> value), validated."""
+    out: dict[str, Any] = {}
+    for knob in KNOB_FLAGS:
+        value = getattr(args, knob, None)
+        if value is None:
+            continue
+        if isinstance(value, str) and "," in value:
+            raise UserError(f"--{knob.replace('_', '-')} takes one value here, got {value!r}")
+        out[knob] = _one(knob, value)
+    return out
+
+
+def knob_lists(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """Comma-separated knob values (the study command): knob -> list of values."""
+    out: dict[str, list[Any]] = {}
+    for knob in KNOB_FLAGS:
+        value = getattr(args, knob, None)
+        if value is None:
+            continue
+        parts = [p.strip() for p in str(value).split(",") if p.strip()]
+        if not parts:
+            raise UserError(f"--{knob.replace('_', '-')} is empty: give one or more values")
+        out[knob] = [_one(knob, p) for p in parts]
+    return out
+
+
+def runtime_options(args: argparse.Namespace, *, context_len: int | None = None,
+                    environ: Mapping[str, str] | None = None, num_heads: int | None = None) -> Any:
+    """RuntimeOptions from flags > --best > environment > built-in defaults (DESIGN.md §4 precedence).
+
+    With `num_heads`, a heads_per_band that nobody set is clamped to the model (the built-in default is 4).
+    """
+    from xlstm_tune.runtime.options import RuntimeOptions
+
+    cli = knob_overrides(args)
+    if getattr(args, "compile", None) is not None:
+        cli["compile"] = bool(args.compile)
+    opts = RuntimeOptions.merged(cli=cli, best=getattr(args, "best", None), context_len=context_len, environ=environ)
+    if num_heads is not None and opts.heads_per_band > num_heads and opts.backend == "native":
+        opts = opts.replace(heads_per_band=num_heads)
+    elif num_heads is not None and opts.heads_per_band > num_heads and "heads_per_band" not in cli:
+        explicit = RuntimeOptions.env_overrides(environ).get("heads_per_band") is not None or getattr(args, "best", None)
+        if not explicit:
+            opts = opts.replace(heads_per_band=num_heads)
+    return opts
+
+
+def prompt_source(args: argparse.Namespace, seed: int = 0) -> Any:
+    from xlstm_tune.bench.workload import PromptSource
+
+    return PromptSource.from_args(getattr(args, "prompt", None), getattr(args, "prompt_file", None), seed=seed)
+
+
+def prefill_lengths(args: argparse.Namespace) -> list[int]:
+    from xlstm_tune.bench.workload import parse_lengths
+
+    return parse_lengths(getattr(args, "prefill_len", None), "--prefill-len")
+
+
+def positive(flag: str, value: int | float | None) -> None:
+    if value is not None and not value > 0:
+        raise UserError(f"{flag} must be > 0, got {value}")

@@ -1,0 +1,86 @@
+"""`python -m xlstm_tune study`: run (or resume) an Optuna study of the runtime knobs.
+
+With no arguments it runs the embedded quickstart (`tiny` model, best available device, under 3 minutes
+on a 2-core CPU) and prints where the results are. See docs/STUDY.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from xlstm_tune.cli.common import (
+    add_knob_flags,
+    add_model_flags,
+    add_prompt_flags,
+    knob_lists,
+    positive,
+    prefill_lengths,
+)
+from xlstm_tune.errors import UserError
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "study", help="tune the runtime knobs with an Optuna study (no arguments: the quickstart)",
+        description=__doc__.splitlines()[0])
+    g = p.add_argument_group("study")
+    g.add_argument("--experiment", default=None, metavar="FILE",
+                   help="experiment spec (.toml); default: the embedded quickstart")
+    g.add_argument("--study-name", default=None, metavar="NAME", help="study name (default: from the spec)")
+    g.add_argument("--n-trials", type=int, default=None, metavar="N",
+                   help="COMPLETE trials wanted in total (a resumed study only runs the missing ones)")
+    g.add_argument("--timeout", type=float, default=None, metavar="SEC",
+                   help="stop starting new trials after this many seconds")
+    g.add_argument("--trial-timeout", type=float, default=None, metavar="SEC",
+                   help="kill a trial running longer than this (failure reason `timeout`)")
+    g.add_argument("--sampler", "--mode", dest="sampler", default=None, metavar="NAME",
+                   help="tpe (default), ga (NSGA-II), random, grid, gp or cmaes")
+    g.add_argument("--seed", type=int, default=None, help="sampler seed")
+    g.add_argument("--objective", dest="objectives", action="append", default=None, metavar="NAME",
+                   help="optimise this objective (repeat for a Pareto study): prefill_tok_s, decode_tok_s, "
+                        "prefill_tok_s_ctx<L>")
+    g.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage: a database URL (sqlite:///x.db, postgresql://...) or a .journal file; "
+                        "default <out-dir>/optuna.journal")
+    g.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite <out-dir>/mlflow.db)")
+    g.add_argument("--out-dir", default="mlruns", metavar="DIR", help="where results go (default: mlruns)")
+    g.add_argument("--replay", default=None, metavar="SOURCE",
+                   help="answer trials from a recorded study (trials.jsonl, study dir or name) instead of running the model")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="live progress bar (default: when stderr is a terminal)")
+    add_model_flags(p)
+    add_prompt_flags(p, new_tokens_flag="--new-tokens")
+    add_knob_flags(p, multi=True, best=False)
+    p.set_defaults(func=run)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    from xlstm_tune.study.runner import StudyOptions
+
+    for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout),
+                        ("--trial-timeout", args.trial_timeout), ("--new-tokens", args.new_tokens),
+                        ("--repeats", args.repeats)):
+        positive(flag, value)
+    if args.seed is not None and args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
+    objectives = None
+    if args.objectives:
+        objectives = [o.strip() for item in args.objectives for o in item.split(",") if o.strip()]
+    return StudyOptions(
+        experiment=args.experiment, study_name=args.study_name, n_trials=args.n_trials, timeout=args.timeout,
+        sampler=args.sampler, seed=args.seed, storage=args.storage, tracking_uri=args.tracking_uri,
+        out_dir=args.out_dir, replay=args.replay, model=args.model, device=args.device, dtype=args.dtype,
+        compile=args.compile, context_lens=prefill_lengths(args) or None, new_tokens=args.new_tokens,
+        repeats=args.repeats, prompt=args.prompt, prompt_file=args.prompt_file, knobs=knob_lists(args),
+        trial_timeout=args.trial_timeout, objectives=objectives, progress=args.progress, argv=list(sys.argv),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from xlstm_tune.study.runner import run_study
+
+    run_study(options_from_args(args))
+    return 0

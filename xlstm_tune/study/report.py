@@ -1,0 +1,86 @@
+"""The end-of-study summary: best configurations, their speed-up over the default, where every file is."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _fmt_rate(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{float(v):,.0f}" if float(v) >= 100 else f"{float(v):,.1f}"
+
+
+def _fmt_x(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.2f}x"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(header)]
+    line = "  ".join(str(h).ljust(w) for h, w in zip(header, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    return out
+
+
+def counts_line(records: Sequence[Mapping[str, Any]]) -> str:
+    states = Counter(r.get("state") for r in records)
+    infeasible = sum(1 for r in records if r.get("state") == "COMPLETE" and not r.get("feasible"))
+    dupes = sum(1 for r in records if r.get("state") == "COMPLETE" and r.get("duplicate_of") is not None)
+    reasons = Counter(r.get("failure_reason") for r in records if r.get("state") in ("FAIL", "PRUNED"))
+    parts = [f"{states.get('COMPLETE', 0)} complete"]
+    if infeasible:
+        parts[-1] += f" ({infeasible} infeasible: fidelity)"
+    if dupes:
+        parts.append(f"{dupes} answered from an identical configuration")
+    fails = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: str(kv[0])))
+    parts.append(f"{states.get('FAIL', 0)} failed, {states.get('PRUNED', 0)} pruned" + (f" ({fails})" if fails else ""))
+    return "Trials: " + "; ".join(parts)
+
+
+def render(summary: Mapping[str, Any]) -> str:
+    """Text for stdout. `summary` keys: study, contexts (best.json entries), default, records, paths, notes."""
+    lines: list[str] = []
+    lines.append(f"Study {summary['study']!r}: {summary.get('headline', '')}".rstrip())
+    lines.append(counts_line(summary.get("records", [])))
+    contexts = summary.get("contexts") or []
+    if contexts:
+        lines.append("")
+        lines.append(f"Best configuration per context length ({summary.get('confirm_note', 'confirmed')}):")
+        rows = []
+        for c in contexts:
+            k, m = c["knobs"], c["metrics"]
+            pre, dec = m.get("prefill_tok_s") or {}, m.get("decode_tok_s") or {}
+            rows.append([
+                str(c["context_len"]),
+                "default" if c.get("is_default") else f"#{c.get('trial_number')}",
+                k["backend"], str(k["chunk_size"]), str(k["heads_per_band"]), str(k["workers"]), str(k["t_inner"]),
+                str(k["streams"]), k["decode_mode"],
+                _fmt_rate(pre.get("median")), _fmt_x(m.get("speedup_prefill")),
+                _fmt_rate(dec.get("median")), _fmt_x(m.get("speedup_decode")),
+                f"{(c.get('fidelity') or {}).get('rel_err', float('nan')):.1e}",
+            ])
+        lines += _table(["context", "trial", "backend", "chunk", "hpb", "workers", "t_inner", "streams", "decode",
+                         "prefill tok/s", "vs default", "decode tok/s", "vs default", "rel_err"], rows)
+        d = summary.get("default")
+        if d:
+            k = d["knobs"]
+            lines.append(f"Default configuration: backend={k['backend']} chunk_size={k['chunk_size']} "
+                         f"heads_per_band={k['heads_per_band']} workers={k['workers']} t_inner={k['t_inner']} "
+                         f"decode_mode={k['decode_mode']}")
+    elif summary.get("no_best_reason"):
+        lines.append("")
+        lines.append(f"No best configuration: {summary['no_best_reason']}")
+    for note in summary.get("notes", []):
+        lines.append(f"Note: {note}")
+    lines.append("")
+    lines.append("Results:")
+    paths = summary.get("paths", {})
+    width = max((len(k) for k in paths), default=0)
+    for label, value in paths.items():
+        lines.append(f"  {label.ljust(width)}  {value}")
+    for hint in summary.get("hints", []):
+        lines.append(hint)
+    return "\n".join(lines)
