@@ -20,26 +20,59 @@ from xlstm_tune.kernels.mlstm import State, mlstm_chunkwise, mlstm_step_block
 from xlstm_tune.kernels.slstm import SState, slstm_step_block
 from xlstm_tune.runtime import watchdog
 
-_COMPILED: dict[str, Callable[..., Any]] = {}
+_COMPILED: dict[str, "CompiledKernel"] = {}
 _COMPILE_LOCK = threading.Lock()
 
 
-def compiled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One torch.compile wrapper per kernel per process, shared by every model, band and thread.
+def _signature(value: Any) -> Any:
+    """What a compiled kernel specialises on: tensor shape/stride/dtype/device, and plain values."""
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), value.stride(), value.dtype, value.device, value.is_inference())
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _signature(v)) for k, v in value.items()))
+    return value if isinstance(value, (int, float, str, bool, type(None))) else id(value)
+
+
+class CompiledKernel:
+    """torch.compile of one kernel, safe to call from many scheduler threads.
+
+    Dynamo cannot trace the same function from two threads at once, so the first call for each new
+    signature (the one that compiles) runs under a lock; once a signature is warm, calls run concurrently.
+    """
+
+    def __init__(self, fn: Callable[..., Any]):
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
+        self.fn = torch.compile(fn, dynamic=False)
+        self.warm: set = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = _signature((args, kwargs))
+        if key in self.warm:
+            return self.fn(*args, **kwargs)
+        with self.lock:
+            out = self.fn(*args, **kwargs)
+            self.warm.add(key)
+        return out
+
+
+def compiled(name: str, fn: Callable[..., Any]) -> CompiledKernel:
+    """One compiled wrapper per kernel per process, shared by every model, band and thread.
 
     Recompiles happen per new static shape (band width, t_inner, batch); the limit is raised so that
     a study's many shapes never silently fall back to eager execution.
     """
     with _COMPILE_LOCK:
         if name not in _COMPILED:
-            import torch._dynamo
-
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-            if hasattr(torch._dynamo.config, "recompile_limit"):
-                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
-                torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
-            _COMPILED[name] = torch.compile(fn, dynamic=False)
+            _COMPILED[name] = CompiledKernel(fn)
         return _COMPILED[name]
 
 
