@@ -12,35 +12,18 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from xlstm_tune.cli import common
 from xlstm_tune.errors import UserError
 
-KNOB_FLAGS = {  # flag dest -> RuntimeOptions field
-    "backend": "backend", "chunk_size": "chunk_size", "heads_per_band": "heads_per_band", "workers": "workers",
-    "t_inner": "t_inner", "streams": "streams", "decode_mode": "decode_mode", "compile": "compile",
-}
+DEFAULT_PROMPT = "The xLSTM architecture keeps a matrix memory per head, so"
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="generate text with given knobs or a best.json, printing tok/s")
-    p.add_argument("--model", default="tiny", help="preset (tiny, xlstm-350m, xlstm-7b) or checkpoint directory")
-    p.add_argument("--device", default="auto", help="auto (mps > cuda > cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None, help="prompt text")
-    src.add_argument("--prompt-file", type=Path, default=None, help="file holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--best", type=Path, default=None, help="apply the knobs of this best.json")
+    common.add_model_flags(p)
+    common.add_prompt_flags(p, new_tokens_flag="--max-new-tokens", lengths=False, repeats=False)
+    common.add_knob_flags(p, multi=False, best=True)
     p.add_argument("--context-len", type=int, default=None, help="pick best.json's entry for this context (default: prompt length)")
-    k = p.add_argument_group("knobs (override best.json and XLSTM_* environment variables)")
-    k.add_argument("--backend", "--chunkwise-backend", dest="backend", default=None)
-    k.add_argument("--chunk-size", type=int, default=None)
-    k.add_argument("--heads-per-band", type=int, default=None)
-    k.add_argument("--workers", type=int, default=None)
-    k.add_argument("--t-inner", type=int, default=None)
-    k.add_argument("--streams", type=int, default=None)
-    k.add_argument("--decode-mode", default=None, choices=["eager", "compiled", "graph"])
-    k.add_argument("--compile", dest="compile", action="store_true", default=None, help="compile prefill tile kernels")
-    k.add_argument("--no-compile", dest="compile", action="store_false", help="run prefill tile kernels eagerly")
     p.add_argument("--stats-log", type=Path, default=None, help="CSV of per-step decode timing")
     m = p.add_argument_group("memory watchdog (override XLSTM_MEM_* variables)")
     m.add_argument("--mem-log", type=Path, default=None, help="CSV log of memory polls")
@@ -56,10 +39,10 @@ def add_parser(sub: Any) -> None:
 def _prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is not None:
         try:
-            return args.prompt_file.read_text(encoding="utf-8")
+            return Path(args.prompt_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise UserError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror}") from None
-    return args.prompt if args.prompt is not None else "The xLSTM architecture keeps a matrix memory per head, so"
+    return args.prompt if args.prompt is not None else DEFAULT_PROMPT
 
 
 def _watchdog_config(args: argparse.Namespace) -> Any:
@@ -96,14 +79,14 @@ class StatsLog:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.max_new_tokens = 64 if args.max_new_tokens is None else args.max_new_tokens
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     from xlstm_tune.runtime.options import RuntimeOptions
 
     prompt = _prompt(args)
-    cli_knobs = {field: getattr(args, dest) for dest, field in KNOB_FLAGS.items() if getattr(args, dest) is not None}
-    # Validate the knobs and the watchdog settings before loading anything heavy.
-    RuntimeOptions.merged(cli=cli_knobs)
+    # Validate the knobs, best.json and the watchdog settings before loading anything heavy.
+    common.runtime_options(args)
     wd_config = _watchdog_config(args)
 
     import torch
@@ -112,13 +95,11 @@ def run(args: argparse.Namespace) -> int:
     from xlstm_tune.runtime import device as dev
     from xlstm_tune.runtime.watchdog import MemoryWatchdog
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype,
+    model = load_model(args.model or "tiny", device=args.device or "auto", dtype=args.dtype,
                        runtime=RuntimeOptions(backend="native", compile=False))
     ids = model.encode(prompt)
     context = args.context_len or ids.shape[1]
-    options = RuntimeOptions.merged(cli=cli_knobs, best=args.best, context_len=context)
-    if options.backend != "native" and options.heads_per_band > model.config.num_heads and "heads_per_band" not in cli_knobs and args.best is None:
-        options = options.replace(heads_per_band=model.config.num_heads)  # built-in default on a narrow model
+    options = common.runtime_options(args, context_len=context, num_heads=model.config.num_heads)
     model.runtime = options
     source = f"best.json {args.best} (context {context})" if args.best else "flags/environment/defaults"
     print(f"model {model.model_id} on {dev.device_name(model.device)} ({model.device}, {str(model.dtype).removeprefix('torch.')})")
