@@ -12,7 +12,7 @@ import pytest
 from study_fixtures import make_study, make_template_store
 
 from xlstm_tune.cli.main import main
-from xlstm_tune.cli.plot_cmd import load_importances, make_study_plots
+from xlstm_tune.study.plotting import load_importances, make_study_plots
 from xlstm_tune.quality.report import write_report
 
 KNOBS = dict(backend="queued", chunk_size=32, heads_per_band=2, workers=4, t_inner=4, streams=0,

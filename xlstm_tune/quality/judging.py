@@ -53,6 +53,9 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "judge", *SCORE_COLUMNS, "judge_rationale", "judge_valid", "judge_error",
 )
 
+RATINGS_JSONL = "ratings.jsonl"  # in the study folder, joined to trials by trial number
+RATINGS_CSV = "ratings.csv"
+
 
 def find_prompt(meta: Mapping[str, Any] | None, base_dir: Path | None = None) -> str | None:
     """The prompt a study generated from, as recorded in run_meta.json; None when not recorded.
