@@ -143,6 +143,20 @@ def test_full_study_end_to_end(finished: dict) -> None:
         assert tag in child.data.tags, tag
     arts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"trial_1.txt", "trial_1_decode.csv"} <= arts
+    # quality: every trial's continuation is scored and judged, and the scores reach MLflow
+    for m in ("distinct_1", "distinct_2", "repetition_rate", "perplexity", "judge_overall", "fidelity_kl_mean"):
+        assert m in child.data.metrics, m
+    assert child.data.metrics["perplexity"] > 1.0 and 1 <= child.data.metrics["judge_overall"] <= 10
+    # plots and report.md are written at the end of the study and attached to the parent run
+    study_dir = out / "studies" / "e2e"
+    report = (study_dir / "report.md").read_text()
+    assert "## Fidelity" in report and "perplexity" in report
+    pngs = sorted((study_dir / "plots").glob("*.png"))
+    assert {"prefill_vs_decode.png", "history_decode_tok_s.png"} <= {p.name for p in pngs}
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png.name}" in report  # the report embeds every plot it drew
+    assert {"report.md", "plots"} <= parent_arts
     # study files
     files = StudyFiles.for_study(out, "e2e")
     meta = json.loads(files.run_meta_path.read_text())

@@ -61,6 +61,7 @@ def build_record(
     rec["context_len"] = max(context_lens) if context_lens else None
     metrics = dict(outcome.get("metrics") or {})
     rec.update(metrics)
+    rec.update(outcome.get("quality") or {})  # text metrics, perplexity, judge scores
     fid = dict(outcome.get("fidelity") or {})
     for k in FIDELITY_KEYS:
         if k in fid:

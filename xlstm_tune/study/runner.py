@@ -374,6 +374,7 @@ class StudyRun:
                          "prompt_len": s.fidelity["prompt_len"], "decode_steps": s.fidelity["decode_steps"]},
             "reference_path": str(self.files.root / "reference" / "reference.pt"),
             "outputs_dir": str(self.files.outputs_dir),
+            "quality": {"perplexity": s.quality["perplexity"]},
         }
         return WorkerEvaluator(setup, self.files.root / "workers", s.trial["timeout_s"], s.trial["worker_start_timeout_s"])
 
@@ -630,6 +631,7 @@ class StudyRun:
             self._finish(trial, rec)
             return rec
         extra.update(finished_at=_now())
+        self._judge(outcome)
         if outcome.get("duration_s") is None:
             outcome["duration_s"] = time.perf_counter() - t0
         outputs = outcome.get("outputs") or {}
@@ -641,6 +643,21 @@ class StudyRun:
                                error=f"no finite figure for objective(s) {self.objectives}", extra=extra, **common)
         self._finish(trial, rec)
         return rec
+
+    def _judge(self, outcome: dict[str, Any]) -> None:
+        """Score the trial's saved continuation with the configured judge (scores go into the record)."""
+        kind = self.spec.quality["judge"]
+        path = (outcome.get("outputs") or {}).get("continuation")
+        if kind == "none" or not path or "judge_overall" in (outcome.get("quality") or {}):
+            return
+        from xlstm_tune.quality.judges import make_judge
+
+        if getattr(self, "_judge_impl", None) is None:
+            self._judge_impl = make_judge(kind, self.spec.quality["judge_url"], self.spec.quality["judge_model"])
+        text = Path(path).read_text(encoding="utf-8", errors="replace")  # as the worker wrote it
+        result = self._judge_impl.judge(self._prompt_text() or "", text)
+        scores = {k: v for k, v in result.to_dict(prefix="judge_").items() if k != "judge_raw"}
+        outcome["quality"] = {**(outcome.get("quality") or {}), **scores}
 
     def _loop(self) -> None:
         target = int(self.spec.study["n_trials"])
@@ -825,6 +842,8 @@ class StudyRun:
             "best.json": str(self.files.best_path),
             "run_meta": str(self.files.run_meta_path),
             "outputs": str(self.files.outputs_dir),
+            "report": str(self.files.root / "report.md"),
+            "plots": str(self.files.plots_dir),
             "Optuna storage": self.storage_label,
             "MLflow store": self.tracking_uri,
             "MLflow experiment": getattr(self, "experiment_name", f"xlstm_tune/{self.name}"),
@@ -860,6 +879,7 @@ class StudyRun:
                 self._final_files()
                 self._write_meta(final=True)
             self._parent_wrapup(contexts)
+            self._plots_and_report(contexts)
             status = "FINISHED"
             text = self._render(contexts, data)
             self.out.write(text + "\n")
@@ -914,6 +934,18 @@ class StudyRun:
         except Exception as exc:  # noqa: BLE001
             self.err.write(f"warning: MLflow parent run update failed: {exc}\n")
 
+    def _plots_and_report(self, contexts: list[dict[str, Any]]) -> None:
+        """plots/ and report.md in the study folder, attached to the parent run; never fails the study."""
+        from xlstm_tune.study.plotting import make_study_plots
+
+        default = next((r for r in self.records.values() if r.get("is_default")), None)
+        try:
+            outcome = make_study_plots(self.out_dir, self.name, self.opts.tracking_uri, self.opts.storage, default)
+            if outcome.notes:
+                self.notes.extend(n for n in outcome.notes if not n.startswith("MLflow:"))
+        except Exception as exc:  # noqa: BLE001 - a plotting problem must not cost the measured study
+            self.err.write(f"warning: plots/report not written: {exc}\n")
+
     def _render(self, contexts: list[dict[str, Any]], data: Mapping[str, Any] | None) -> str:
         default = dict(data["summary"]["configs"][0], knobs=self.space.default_knobs()) if data else None
         if data is None:
@@ -954,8 +986,12 @@ def _outcome_from_record(rec: Mapping[str, Any]) -> dict[str, Any]:
     metrics = {k: v for k, v in rec.items()
                if k.startswith(("prefill_", "decode_", "compile_s")) and not isinstance(v, (dict, list))}
     fidelity = {k.removeprefix("fidelity_"): v for k, v in rec.items() if k.startswith("fidelity_")}
-    return {"state": "COMPLETE", "metrics": metrics, "fidelity": fidelity, "flags": rec.get("flags") or [],
-            "duration_s": 0.0}
+    quality = {k: v for k, v in rec.items() if k.startswith(QUALITY_PREFIXES)}
+    return {"state": "COMPLETE", "metrics": metrics, "fidelity": fidelity, "quality": quality,
+            "flags": rec.get("flags") or [], "duration_s": 0.0}
+
+
+QUALITY_PREFIXES = ("distinct_", "repetition_rate", "perplexity", "continuation_tokens", "judge_")
 
 
 def _same_best(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

@@ -57,6 +57,9 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     "trial": {"timeout_s": 600.0, "worker_start_timeout_s": 600.0},
     "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6},
     "sampler": {"n_startup_trials": None, "population_size": None},
+    # Every trial's continuation is scored (text metrics, perplexity under the canonical path) and judged:
+    # `builtin` is an offline heuristic; `ollama` / `openai` call an LLM judge at judge_url; `none` skips it.
+    "quality": {"judge": "builtin", "judge_url": None, "judge_model": None, "perplexity": True},
 }
 
 
@@ -115,6 +118,7 @@ class ExperimentSpec:
     trial: dict[str, Any]
     confirm: dict[str, Any]
     sampler: dict[str, Any]
+    quality: dict[str, Any]
     space: dict[str, Dimension]
     fixed: dict[str, Any]
     device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -149,6 +153,7 @@ class ExperimentSpec:
             "trial": copy.deepcopy(self.trial),
             "confirm": copy.deepcopy(self.confirm),
             "sampler": copy.deepcopy(self.sampler),
+            "quality": copy.deepcopy(self.quality),
             "space": {k: d.as_spec() for k, d in self.space.items()},
             "fixed": copy.deepcopy(self.fixed),
         }
@@ -360,6 +365,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     trial = _section(doc, "trial", source)
     confirm = _section(doc, "confirm", source)
     sampler = _section(doc, "sampler", source)
+    quality = _section(doc, "quality", source)
 
     # [study]
     if not isinstance(study["name"], str) or not study["name"].strip():
@@ -441,6 +447,16 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     _int(source, "[sampler] n_startup_trials", sampler["n_startup_trials"], 0, allow_none=True)
     _int(source, "[sampler] population_size", sampler["population_size"], 2, allow_none=True)
 
+    # [quality]
+    judge = str(quality["judge"]).strip().lower()
+    if judge not in ("builtin", "ollama", "openai", "none"):
+        raise _err(source, f"[quality] judge {quality['judge']!r} is unknown: use builtin, ollama, openai or none")
+    quality["judge"] = judge
+    if judge in ("ollama", "openai") and not (quality["judge_url"] and quality["judge_model"]):
+        raise _err(source, f"[quality] judge = {judge!r} needs judge_url and judge_model")
+    if not isinstance(quality["perplexity"], bool):
+        raise _err(source, f"[quality] perplexity must be true or false, got {quality['perplexity']!r}")
+
     # [space] and [fixed]
     raw_space = doc.get("space", {}) or {}
     raw_fixed = doc.get("fixed", {}) or {}
@@ -465,7 +481,8 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     if not space:
         raise _err(source, "[space] is empty: give at least one knob with choices, e.g. chunk_size = [16, 32, 64]")
     return ExperimentSpec(source=source, study=study, model=model, workload=workload, bench=bench,
-                          fidelity=fidelity, trial=trial, confirm=confirm, sampler=sampler, space=space, fixed=fixed)
+                          fidelity=fidelity, trial=trial, confirm=confirm, sampler=sampler, quality=quality,
+                          space=space, fixed=fixed)
 
 
 # ---- CLI overrides -------------------------------------------------------------------------------

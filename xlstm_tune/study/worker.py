@@ -298,6 +298,28 @@ class _Session:
                 "min_greedy_agreement": fid.get("min_greedy_agreement"),
                 "prompt_len": int(self.fid_ids.shape[-1]), "decode_steps": len(self.ref_tokens)}
 
+    def _quality(self, tokens: Any) -> dict[str, Any]:
+        """Text metrics and perplexity under the canonical path, once per distinct continuation.
+
+        Feasible configurations produce the same greedy tokens, so the (slow, step-by-step) canonical
+        forward runs about once per study, not once per trial.
+        """
+        from xlstm_tune.quality.continuation import score_continuation
+        from xlstm_tune.quality.text_metrics import text_metrics
+
+        ids = [int(t) for t in (tokens.flatten().tolist() if hasattr(tokens, "flatten") else tokens)]
+        key = tuple(ids)
+        cache = self.__dict__.setdefault("_quality_cache", {})
+        if key not in cache:
+            if self.setup.get("quality", {}).get("perplexity", True) and ids:
+                import torch
+
+                cont = torch.tensor([ids], dtype=torch.long, device=self.device)
+                cache[key] = score_continuation(self.model, self.prompts[self.decode_len], cont)
+            else:
+                cache[key] = text_metrics(ids)
+        return dict(cache[key])
+
     # ---- commands ----------------------------------------------------------------------------
     def trial(self, msg: dict[str, Any]) -> dict[str, Any]:
         from xlstm_tune.bench.harness import memory_guard, run_benchmark, write_decode_csv
@@ -321,6 +343,7 @@ class _Session:
             text_path.write_text(self.model.decode(report.decode.tokens), encoding="utf-8")
             csv_path = write_decode_csv(self.outputs / f"trial_{number}_decode.csv", report.decode.steps)
             outputs = {"continuation": str(text_path), "decode_csv": str(csv_path)}
+        quality = self._quality(report.decode.tokens) if report.decode is not None else {}
         return {
             "type": "result",
             "number": number,
@@ -329,6 +352,7 @@ class _Session:
             "stats": {f"ctx{p.context_len}": p.stats for p in report.prefill},
             "flags": report.flags,
             "outputs": outputs,
+            "quality": quality,
             "peak_mem_mb": wd.peak_used_mb,
             "worker_pid": os.getpid(),
             "duration_s": time.perf_counter() - t0,
