@@ -235,3 +235,10 @@ def test_plot_unknown_study_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["plot", "--study", "ghost", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no study 'ghost'" in err
+
+
+def test_trials_answered_from_an_identical_configuration_are_ranked_once(tmp_path: Path) -> None:
+    records = [rec(0, 30.0, 100.0), rec(1, 30.0, 100.0, duplicate_of=0), rec(2, 10.0, 50.0)]
+    text = write_report(tmp_path, records, None, []).read_text()
+    ranked = [row[1] for row in table_rows(text, "by decode throughput")]
+    assert ranked == ["0", "2"]

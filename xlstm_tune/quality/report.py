@@ -157,7 +157,10 @@ def _top_section(records: Sequence[Record], metric: str, default: Record | None)
     other = "prefill_tok_s" if metric == "decode_tok_s" else "decode_tok_s"
     name = _SPEED[metric]
     lines = [f"## Top configurations by {name} throughput", ""]
-    feasible = [r for r in records if _is_feasible(r) and _num(r.get(metric)) is not None]
+    # A trial answered from an identical configuration's measurement (`duplicate_of`) would list the same
+    # configuration twice: rank each measured configuration once.
+    feasible = [r for r in records if _is_feasible(r) and _num(r.get(metric)) is not None
+                and r.get("duplicate_of") is None]
     if not feasible:
         return lines + [f"No feasible completed trial measured {metric}.", ""]
     feasible.sort(key=lambda r: -float(_num(r.get(metric)) or 0.0))
