@@ -146,19 +146,10 @@ def describe_model(source: str | Path) -> dict[str, Any]:
 
     Keys: model_id, num_heads, slstm_num_heads, has_mlstm, has_slstm, num_layers, vocab_size, config_hash.
     """
-    from xlstm_tune.model.loading import read_config
-    from xlstm_tune.model.presets import PRESETS
+    from xlstm_tune.model.loading import model_config
 
     name = str(source)
-    if name in PRESETS:
-        cfg = PRESETS[name]
-    else:
-        path = Path(name)
-        if not path.exists():
-            raise UserError(f"model {name!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
-        if not path.is_dir():
-            raise UserError(f"model {name!r} is not a checkpoint directory (config.json + *.safetensors)")
-        cfg = read_config(path)
+    cfg = model_config(name)
     n_slstm = len(cfg.slstm_block_indices)
     return {
         "model_id": name,

@@ -164,23 +164,30 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf_dict(raw, str(cfg_path))
 
 
-def load_model(source: str | Path = "tiny", device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
-               runtime: RuntimeOptions | None = None, seed: int = 0) -> LanguageModel:
-    """Load a preset (`tiny`, `xlstm-350m`, `xlstm-7b`, ...) or a Hugging Face checkpoint directory."""
-    target = dev.resolve_device(device)
-    wdtype = resolve_dtype(dtype)
+def model_config(source: str | Path) -> ModelConfig:
+    """The config of a preset or a checkpoint directory, without loading any weights."""
     if str(source) in PRESETS:
-        cfg = PRESETS[str(source)]
-        net = _empty_model(cfg, target, wdtype)
-        init_random_weights(net, seed)
-        tokenizer: Any = ByteTokenizer() if cfg.vocab_size == 256 else _NumericTokenizer(cfg.vocab_size)
-        return LanguageModel(net, tokenizer, target, str(source), runtime)
+        return PRESETS[str(source)]
     path = Path(source)
     if not path.exists():
         raise UserError(f"model {str(source)!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory (config.json + *.safetensors)")
-    cfg = read_config(path)
+    return read_config(path)
+
+
+def load_model(source: str | Path = "tiny", device: str | torch.device = "auto", dtype: str | torch.dtype | None = None,
+               runtime: RuntimeOptions | None = None, seed: int = 0) -> LanguageModel:
+    """Load a preset (`tiny`, `xlstm-350m`, `xlstm-7b`, ...) or a Hugging Face checkpoint directory."""
+    target = dev.resolve_device(device)
+    wdtype = resolve_dtype(dtype)
+    cfg = model_config(source)
+    if str(source) in PRESETS:
+        net = _empty_model(cfg, target, wdtype)
+        init_random_weights(net, seed)
+        tokenizer: Any = ByteTokenizer() if cfg.vocab_size == 256 else _NumericTokenizer(cfg.vocab_size)
+        return LanguageModel(net, tokenizer, target, str(source), runtime)
+    path = Path(source)
     net = _empty_model(cfg, target, wdtype)
     load_weights(net, path, target)
     tok_path = path / "tokenizer.json"
