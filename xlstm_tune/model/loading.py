@@ -110,8 +110,7 @@ def load_weights(net: XLSTMForCausalLM, path: Path, device: torch.device) -> Non
     params = dict(net.named_parameters())
     loaded: set[str] = set()
     unexpected: list[str] = []
-    # MPS cannot be a safetensors target on every build: read to CPU, then one tensor at a time to device.
-    read_device = "cpu" if device.type == "mps" else str(device)
+    read_device = dev.safetensors_read_device(device)
     for shard in shards:
         try:
             with safe_open(str(shard), framework="pt", device=read_device) as fh:

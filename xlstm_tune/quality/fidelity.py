@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from xlstm_tune.runtime.device import float64_device
+
 __all__ = ["fidelity_metrics", "fidelity_passed"]
 
 # Positions are processed in blocks of about this many logits, so that a 50k vocabulary over
@@ -65,8 +67,7 @@ def fidelity_metrics(logits: Tensor, ref_logits: Tensor) -> dict[str, float]:
     kl_parts: list[Tensor] = []
     agree = 0
     any_nan = False
-    # float64 where the device has it (CUDA); MPS has no float64, so it and CPU compute on CPU.
-    device = out_all.device if out_all.device.type == "cuda" else torch.device("cpu")
+    device = float64_device(out_all.device)  # MPS has no float64: it computes on the CPU
     block = max(1, _BLOCK_ELEMS // vocab)
     for start in range(0, n_pos, block):
         out = out_all[start : start + block].to(device=device, dtype=torch.float64)

@@ -285,6 +285,25 @@ def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int
     return graph, out
 
 
+def float64_device(device: str | torch.device) -> torch.device:
+    """Where float64 math on this device's tensors should run: the device itself, or the CPU for MPS
+    (which has no float64)."""
+    dev = _as_device(device)
+    return dev if dev.type == "cuda" else torch.device("cpu")
+
+
+def safetensors_read_device(device: str | torch.device) -> str:
+    """Where to read checkpoint tensors before copying them into the model: straight to CUDA/CPU; MPS is
+    not a safetensors target on every build, so via the CPU one tensor at a time."""
+    dev = _as_device(device)
+    return "cpu" if dev.type == "mps" else str(dev)
+
+
+def needs_gpu_placement(device: str | torch.device) -> bool:
+    """Whether work for this device, run in another process (Ray actors), must be placed on a CUDA GPU."""
+    return _as_device(device).type == "cuda"
+
+
 def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
     """The batch-1 matrix-vector kernel for this device, or None to use the framework's GEMM.
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from xlstm_tune.errors import DeviceUnavailableError, UserError
+from xlstm_tune.runtime import device as dev
 from xlstm_tune.runtime.options import RuntimeOptions
 from xlstm_tune.runtime.tiles import RunStats, TileConfig
 
@@ -119,7 +120,7 @@ class RayScheduler:
         self.device = device
         self.actors: list[Any] = []
         gpu_share = 0.0
-        if device.type == "cuda":
+        if dev.needs_gpu_placement(device):
             gpu_share = 0.01  # actors share the one GPU; the share only makes Ray place them on it
             if not self.ray.cluster_resources().get("GPU"):
                 raise DeviceUnavailableError("the ray backend on CUDA needs Ray to see the GPU; start Ray with GPUs or use --backend queued")
