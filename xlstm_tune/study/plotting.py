@@ -1,7 +1,6 @@
 """Plots and report.md for a study, attached to its MLflow parent run (used by `study` and `plot`)."""
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +8,7 @@ from typing import Any
 
 from xlstm_tune.quality.judging import RATINGS_JSONL
 from xlstm_tune.tracking.mlflow_log import resolve_tracking_uri
-from xlstm_tune.tracking.study_files import StudyFiles
+from xlstm_tune.tracking.study_files import read_numbered_jsonl
 from xlstm_tune.tracking.study_lookup import existing_study, open_study_runs
 
 JOURNAL_NAME = "optuna.journal"
@@ -139,21 +138,6 @@ def _stats_csvs(outputs_dir: Path) -> tuple[list[Path], str | None]:
     return found, None
 
 
-def _read_ratings(sf: StudyFiles) -> list[dict[str, Any]]:
-    path = sf.root / RATINGS_JSONL
-    if not path.is_file():
-        return []
-    ratings = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("number"), int):
-            ratings.append(obj)
-    return ratings
-
-
 def make_study_plots(
     out_dir: str | Path,
     study_name: str,
@@ -176,7 +160,7 @@ def make_study_plots(
     records = sf.read_trials()
     if not records:
         notes.append("trials.jsonl has no trial records yet")
-    ratings = _read_ratings(sf)
+    ratings = read_numbered_jsonl(sf.root / RATINGS_JSONL)
     if ratings:
         records = merge_ratings(records, ratings)
 

@@ -57,14 +57,10 @@ def resolve_source(source: str, out_dir: str | Path) -> Path:
 
 def load_source(source: str, out_dir: str | Path) -> ReplaySource:
     """Read SOURCE's records (and run_meta.json); UserError if it holds no complete trial."""
-    from xlstm_tune.tracking.study_files import StudyFiles
+    from xlstm_tune.tracking.study_files import read_numbered_jsonl
 
     path = resolve_source(source, out_dir)
-    files = StudyFiles(path.parent)
-    if path.name == "trials.jsonl":
-        records = files.read_trials()
-    else:
-        records = _read_jsonl(path)
+    records = read_numbered_jsonl(path)
     meta = None
     meta_path = path.parent / "run_meta.json"
     if meta_path.is_file():
@@ -80,18 +76,6 @@ def load_source(source: str, out_dir: str | Path) -> ReplaySource:
         key = r.get("key") or knob_key(r)
         src.lookup.setdefault(key, r)
     return src
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("number"), int):
-            out.append(rec)
-    return out
 
 
 def source_model_info(src: ReplaySource) -> dict[str, Any]:

@@ -79,6 +79,36 @@ def _trial_number(record: Mapping[str, Any]) -> int:
     return number
 
 
+def read_numbered_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file keyed by an integer `number` (trials, ratings): the last line per
+    number wins, sorted by number.
+
+    Lines that are not a complete JSON object with an integer `number` (a partial line from a killed
+    process) are skipped with a warning, never fatal: a study must be resumable.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_number: dict[int, dict[str, Any]] = {}
+    skipped = 0
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            number = _trial_number(record) if isinstance(record, dict) else None
+        except (UnicodeDecodeError, ValueError):
+            number = None
+        if number is None:
+            skipped += 1
+            continue
+        by_number.pop(number, None)  # re-insert so dict order follows the last write
+        by_number[number] = record
+    if skipped:
+        log.warning("%s: skipped %d incomplete or unreadable line(s)", path, skipped)
+    return [by_number[n] for n in sorted(by_number)]
+
+
 def _encode_line(record: Mapping[str, Any]) -> bytes:
     _trial_number(record)
     text = json.dumps(json_safe(record), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
@@ -172,32 +202,8 @@ class StudyFiles:
             os.close(fd)
 
     def read_trials(self) -> list[dict[str, Any]]:
-        """All trial records, one per trial number (the last line wins), sorted by number.
-
-        Lines that are not a complete JSON object with an integer `number` (a partial line from a killed
-        process) are skipped with a warning, never fatal: the study must be resumable.
-        """
-        if not self.trials_path.is_file():
-            return []
-        raw = self.trials_path.read_bytes()
-        by_number: dict[int, dict[str, Any]] = {}
-        skipped = 0
-        for line in raw.split(b"\n"):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-                number = _trial_number(record) if isinstance(record, dict) else None
-            except (UnicodeDecodeError, ValueError):
-                number = None
-            if number is None:
-                skipped += 1
-                continue
-            by_number.pop(number, None)  # re-insert so dict order follows the last write
-            by_number[number] = record
-        if skipped:
-            log.warning("%s: skipped %d incomplete or unreadable line(s)", self.trials_path, skipped)
-        return [by_number[n] for n in sorted(by_number)]
+        """All trial records, one per trial number (the last line wins), sorted by number."""
+        return read_numbered_jsonl(self.trials_path)
 
     def rewrite_trials(self, records: Iterable[Mapping[str, Any]]) -> Path:
         """Atomically replace trials.jsonl with `records` (resume reconciliation)."""
