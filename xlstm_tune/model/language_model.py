@@ -15,6 +15,7 @@ from torch import Tensor
 
 from xlstm_tune.errors import UserError
 from xlstm_tune.model.config import ModelConfig
+from xlstm_tune.model.fused_decode import FusedDecodeStep, fused_decode_supported
 from xlstm_tune.model.tokenizer import Tokenizer
 from xlstm_tune.model.xlstm import ModelState, XLSTMForCausalLM
 from xlstm_tune.runtime import device as dev
@@ -60,10 +61,18 @@ class LanguageModel:
         if not isinstance(options, RuntimeOptions):
             raise UserError(f"model.runtime must be a RuntimeOptions, got {type(options).__name__}")
         cells = CellRuntime(options, self.device, self.config.num_heads)
-        decode = make_decode_step(options.decode_mode, self.net.decode_step, self.device, options.compile)
+        decode = make_decode_step(options.decode_mode, self.net.decode_step, self.device, options.compile,
+                                  in_place_step=self._fused_step() if options.decode_mode == "graph" else None)
         if self._cells is not None:
             self._cells.close()
         self._options, self._cells, self._decode = options, cells, decode
+
+    def _fused_step(self) -> FusedDecodeStep | None:
+        """The batch-1 step on fused kernels, where the device has them and the model fits them."""
+        kernels = dev.fused_decode_kernels(self.device)
+        if kernels is None or fused_decode_supported(self.net) is not None:
+            return None
+        return FusedDecodeStep(self.net, kernels)
 
     @property
     def stats(self) -> RunStats:

@@ -4,8 +4,9 @@ The runtime wraps any `step(token [B,1], state pytree) -> (logits [B,1,V], state
 * eager: call it.
 * compiled: torch.compile of the whole step (one graph of fused kernels per shape).
 * graph: a device graph captured once over static token/state buffers and replayed per token; the state
-  is updated in place inside the graph, so replay costs one launch and no host synchronisation. With the
-  `compile` option on (default) the captured step is the compiled one.
+  is updated in place inside the graph, so replay costs one launch and no host synchronisation. Where the
+  model offers an in-place batch-1 step on fused kernels (CUDA with Triton), that step is captured for
+  batch 1; otherwise, with the `compile` option on (default), the compiled step is.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from xlstm_tune.errors import DeviceUnavailableError
 from xlstm_tune.runtime import device as dev
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
+InPlaceStepFn = Callable[[Tensor, Any], Tensor]  # (token [1, 1], state advanced in place) -> logits
 
 
 def _flatten(state: Any) -> list[Tensor]:
@@ -51,14 +53,17 @@ class GraphStep:
 
     mode = "graph"
 
-    def __init__(self, step: StepFn, device: torch.device, compile_step: bool = False):
+    def __init__(self, step: StepFn, device: torch.device, compile_step: bool = False,
+                 in_place_step: InPlaceStepFn | None = None):
         if not dev.graphs_available(device):
             raise DeviceUnavailableError(
                 f"decode_mode=graph needs device graphs (CUDA); {device.type} has none: use decode_mode=compiled or eager"
             )
         # Compiling first fuses the step's elementwise work; the graph then removes launch overhead.
         self.step = torch.compile(step, dynamic=False) if compile_step else step
+        self.in_place_step = in_place_step
         self.device = device
+        self.fused = False  # whether the captured graph is the in-place fused step
         self.graph: Any = None
         self.static_token: Tensor | None = None
         self.static_state: Any = None
@@ -67,11 +72,14 @@ class GraphStep:
     def _capture(self, token: Tensor, state: Any) -> None:
         self.static_token = token.clone()
         self.static_state = [tuple(t.clone() for t in block) for block in state]
+        self.fused = self.in_place_step is not None and tuple(token.shape) == (1, 1)
         # Warm up on a side stream (required before capture), then capture the step plus the in-place
         # state update, so a replay advances the state by itself.
         self.graph, self.static_logits = dev.capture_graph(self.device, self._step_in_place)
 
     def _step_in_place(self) -> Tensor:
+        if self.fused:
+            return self.in_place_step(self.static_token, self.static_state)  # type: ignore[misc]
         logits, new_state = self.step(self.static_token, self.static_state)
         for dst, src in zip(_flatten(self.static_state), _flatten(new_state)):
             dst.copy_(src)
@@ -91,14 +99,16 @@ class GraphStep:
         return self.static_logits, self.static_state
 
 
-def make_decode_step(mode: str, step: StepFn, device: torch.device, compile_step: bool = True) -> Any:
-    """`compile_step` (the `compile` option) also compiles the step that `graph` captures."""
+def make_decode_step(mode: str, step: StepFn, device: torch.device, compile_step: bool = True,
+                     in_place_step: InPlaceStepFn | None = None) -> Any:
+    """`compile_step` (the `compile` option) also compiles the step that `graph` captures;
+    `in_place_step`, if given, is what `graph` captures for batch 1."""
     if mode == "eager":
         return EagerStep(step, device)
     if mode == "compiled":
         return CompiledStep(step, device)
     if mode == "graph":
-        return GraphStep(step, device, compile_step=compile_step and dev.compile_available(device))
+        return GraphStep(step, device, compile_step=compile_step and dev.compile_available(device), in_place_step=in_place_step)
     raise ValueError(mode)
 
 

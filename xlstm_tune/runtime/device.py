@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import platform
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 import psutil
@@ -304,20 +306,33 @@ def needs_gpu_placement(device: str | torch.device) -> bool:
     return _as_device(device).type == "cuda"
 
 
+def _triton_kernels(device: str | torch.device, switch: str, module: str) -> ModuleType | None:
+    """`xlstm_tune.kernels.<module>` on CUDA where Triton imports, unless the A/B switch `switch` is 0."""
+    if _as_device(device).type != "cuda" or os.environ.get(switch, "1").strip() == "0":
+        return None
+    try:
+        return importlib.import_module(f"xlstm_tune.kernels.{module}")
+    except ImportError:
+        return None
+
+
 def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
     """The batch-1 matrix-vector kernel for this device, or None to use the framework's GEMM.
 
     CUDA with Triton gets the Triton GEMV (decode at batch 1 is weight-bandwidth bound);
     XLSTM_TRITON_GEMV=0 turns it off (A/B measurements, debugging).
     """
-    dev = _as_device(device)
-    if dev.type != "cuda" or os.environ.get("XLSTM_TRITON_GEMV", "1").strip() == "0":
-        return None
-    try:
-        from xlstm_tune.kernels.gemv_triton import gemv
-    except ImportError:
-        return None
-    return gemv
+    kernels = _triton_kernels(device, "XLSTM_TRITON_GEMV", "gemv_triton")
+    return None if kernels is None else kernels.gemv
+
+
+def fused_decode_kernels(device: str | torch.device) -> ModuleType | None:
+    """The fused batch-1 decode kernels (`kernels.decode_triton`) for this device, or None.
+
+    CUDA with Triton gets them (`decode_mode=graph` captures a step built on them);
+    XLSTM_FUSED_DECODE=0 turns them off (A/B measurements, debugging).
+    """
+    return _triton_kernels(device, "XLSTM_FUSED_DECODE", "decode_triton")
 
 
 def _cxx_compiler_on_path() -> bool:

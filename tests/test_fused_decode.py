@@ -1,0 +1,165 @@
+"""The fused batch-1 decode kernels against float64 and against the plain step path.
+
+On a CUDA machine the kernels run compiled; elsewhere, where Triton is installed, through Triton's CPU
+interpreter (same kernel code, executed in NumPy). Without Triton these tests are skipped: the kernels
+only ever run where Triton is.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from conftest import rel_err
+from xlstm_tune import RuntimeOptions, load_model
+from xlstm_tune.kernels.mlstm import EPS, mlstm_step
+from xlstm_tune.model.fused_decode import FusedDecodeStep
+from xlstm_tune.model.xlstm import soft_cap
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if HAS_CUDA:
+        yield importlib.import_module("xlstm_tune.kernels.decode_triton")
+        return
+    # Triton's interpreter switch must be on from the kernels' definition (import) to their last launch.
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield importlib.import_module("xlstm_tune.kernels.decode_triton")
+    del os.environ["TRITON_INTERPRET"]
+
+
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+@pytest.mark.parametrize("n,k", [(40, 96), (300, 1000)])
+def test_fused_gemv_prologues_and_epilogues_match_float64(kernels, seed, n, k):
+    x, w, b = _rand(k), _rand(2 * n, k) / k ** 0.5, _rand(2 * n)
+    res, norm_w = _rand(n), 1 + 0.3 * _rand(k)
+    xd, wd, bd = x.double(), w.double(), b.double()
+    rms = xd / (xd.pow(2).mean() + 1e-6).sqrt() * norm_w.double()
+    cases = {
+        "plain": (dict(), wd[:n] @ xd),
+        "rms+bias": (dict(rms_weight=norm_w, bias=b[:n]), wd[:n] @ rms + bd[:n]),
+        "residual": (dict(residual=res), res.double() + wd[:n] @ xd),
+        "swiglu+bias": (dict(rms_weight=norm_w, bias=b, swiglu=True),
+                        torch.nn.functional.silu(wd[:n] @ rms + bd[:n]) * (wd[n:] @ rms + bd[n:])),
+        "soft_cap": (dict(soft_cap=0.5), 0.5 * torch.tanh((wd[:n] @ xd) / 0.5)),
+    }
+    for name, (kwargs, want) in cases.items():
+        out = torch.empty(n, device=DEVICE)
+        kernels.fused_gemv(x, w if kwargs.get("swiglu") else w[:n], out, **kwargs)
+        assert rel_err(out, want) < TOL, f"{name} seed={seed}"
+
+
+@pytest.mark.parametrize("heads,head_dim", [(4, 16), (3, 24)])
+def test_fused_gemv_head_norm_gate_prologue_matches_float64(kernels, seed, heads, head_dim):
+    k, n = heads * head_dim, 50
+    h, gate, norm_w, w = _rand(k) * 3 + 1, _rand(k), _rand(k), _rand(n, k)
+    hd = h.double().view(heads, head_dim)
+    ln = (hd - hd.mean(-1, keepdim=True)) / (hd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    x_eff = torch.sigmoid(gate.double()) * ln.flatten() * norm_w.double()
+    out = torch.empty(n, device=DEVICE)
+    kernels.fused_gemv(h, w, out, head_norm=(norm_w, gate, head_dim), eps=1e-5)
+    assert rel_err(out, w.double() @ x_eff) < TOL, f"seed={seed}"
+
+
+@pytest.mark.parametrize("heads,qk,v", [(8, 256, 512), (4, 128, 256), (3, 24, 40)], ids=["7b-heads", "350m-heads", "odd"])
+def test_decode_cell_matches_the_step_recurrence(kernels, seed, heads, qk, v):
+    """The two cell kernels against `mlstm_step` (float32), on the presets' head shapes and an odd one."""
+    proj = 2 * _rand(2 * heads * qk + 2 * heads * v + 2 * heads)
+    state = (_rand(1, heads, qk, v), _rand(1, heads, qk), _rand(1, heads, 1))
+    q, k, vv, _, i, f = proj.split([heads * qk, heads * qk, heads * v, heads * v, heads, heads])
+    want_h, want_state = mlstm_step(q.view(1, heads, qk), k.view(1, heads, qk), vv.view(1, heads, v),
+                                    soft_cap(i, 15.0).view(1, heads, 1), soft_cap(f, 15.0).view(1, heads, 1), state)
+    got_state = tuple(t.clone() for t in state)
+    h = torch.empty(heads * v, device=DEVICE)
+    kernels.mlstm_decode_cell(proj, (heads * qk, heads * qk, heads * v, heads * v, heads, heads), heads, got_state,
+                              torch.empty(4 * heads, device=DEVICE), h, 15.0, EPS)
+    assert rel_err(h, want_h.flatten()) < TOL, f"seed={seed}"
+    for got, want in zip(got_state, want_state):
+        assert rel_err(got, want) < TOL, f"seed={seed}"
+
+
+def _perturbed_model(name: str, dtype: str):
+    """A preset with norm weights moved away from 1, so the norm prologues are really exercised."""
+    m = load_model(name, device=DEVICE, dtype=dtype, runtime=RuntimeOptions(backend="native", compile=False))
+    with torch.no_grad():
+        for pname, p in m.net.named_parameters():
+            if "norm" in pname and p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def _advance(step, token, state, n):
+    outs = []
+    for _ in range(n):
+        logits = step(token, state)
+        outs.append(logits.clone())
+        token = logits[:, -1].argmax(-1, keepdim=True)
+    return outs
+
+
+def test_fused_step_matches_plain_step_in_float32(kernels, seed):
+    """`tiny` has an sLSTM block between mLSTM blocks: both kinds of block run inside the fused step."""
+    m = _perturbed_model("tiny", "float32")
+    ids = torch.randint(0, 256, (1, 11), device=DEVICE)
+    _, state = m(ids)
+    plain_state = [tuple(t.clone() for t in b) for b in state]
+    token = ids[:, -1:]
+    fused = _advance(FusedDecodeStep(m.net, kernels), token, state, 4)  # state advanced in place
+
+    @torch.inference_mode()
+    def plain(tok, _):
+        nonlocal plain_state
+        logits, plain_state = m.net.decode_step(tok, plain_state)
+        return logits
+    want = _advance(plain, token, None, 4)
+    for step, (a, b) in enumerate(zip(fused, want)):
+        assert rel_err(a, b) < TOL, f"step {step} seed={seed}"
+    for a, b in zip(state, plain_state):
+        for x, y in zip(a, b):
+            assert rel_err(x, y) < TOL or torch.equal(x, y), f"seed={seed}"
+    m.close()
+
+
+def test_fused_step_with_bf16_weights_is_no_less_accurate_than_the_plain_step(kernels, seed):
+    """Reference: the same bf16 weights run in float32 (exact copies). The fused kernels keep
+    intermediates in float32, so their error must not exceed the plain bf16 step's by more than noise."""
+    m = _perturbed_model("xlstm-20m" if HAS_CUDA else "tiny", "bfloat16")
+    ref = load_model("xlstm-20m" if HAS_CUDA else "tiny", device=DEVICE, dtype="float32",
+                     runtime=RuntimeOptions(backend="native", compile=False))
+    ref.net.load_state_dict({k: v.float() for k, v in m.net.state_dict().items()})
+    ids = torch.randint(0, m.config.vocab_size, (1, 9), device=DEVICE)
+    token = torch.randint(0, m.config.vocab_size, (1, 1), device=DEVICE)
+    _, state = m(ids)
+    _, ref_state = ref(ids)
+    with torch.inference_mode():
+        want, _ = ref.net.decode_step(token, ref_state)
+        plain, _ = m.net.decode_step(token, [tuple(t.clone() for t in b) for b in state])
+    fused = FusedDecodeStep(m.net, kernels)(token, state)
+    assert rel_err(fused, want) <= max(2 * rel_err(plain, want), 1e-3), f"seed={seed}"
+    m.close()
+    ref.close()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="graph capture needs CUDA")
+def test_graph_decode_captures_the_fused_step_for_batch_1_only(seed):
+    m = load_model("xlstm-20m", device="cuda", runtime=RuntimeOptions(backend="native", compile=False, decode_mode="eager"))
+    prompt = torch.randint(0, 4096, (1, 30), device="cuda")
+    want, _ = m.generate(prompt, max_new_tokens=16)
+    m.runtime = RuntimeOptions(backend="native", compile=False, decode_mode="graph")
+    got, _ = m.generate(prompt, max_new_tokens=16)
+    assert m._decode.fused
+    assert torch.equal(got, want), f"seed={seed}"
+    m.generate(prompt.repeat(2, 1), max_new_tokens=4)
+    assert not m._decode.fused  # batch 2 recaptured the generic step
+    m.close()
