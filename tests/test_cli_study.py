@@ -407,3 +407,29 @@ def test_dashboard_and_ui_serve_the_study(finished: dict, capsys) -> None:
     body = _serve(cwd, ["ui", "--out-dir", "out", "--port", str(port)],
                   f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=xlstm_tune/e2e", 120)
     assert "xlstm_tune/e2e" in body
+
+
+# ---- [study] enqueue ----------------------------------------------------------------------------------------
+def test_enqueued_configurations_run_right_after_the_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = tmp_path / "exp.toml"
+    spec.write_text('[study]\nname = "enq"\nn_trials = 3\nenqueue = [{backend = "native", chunk_size = 64, decode_mode = "eager"}, '
+                    '{backend = "queued", chunk_size = 32, t_inner = 8, heads_per_band = 2}]\n'
+                    '[model]\nname = "tiny"\ndevice = "cpu"\ncompile = false\n'
+                    '[space]\nbackend = ["native", "queued"]\nchunk_size = [32, 64]\nheads_per_band = [2, 4]\n'
+                    't_inner = [4, 8]\ndecode_mode = ["eager"]\n')
+    rc = main(["study", "--experiment", str(spec), "--out-dir", str(tmp_path / "out"), *SMALL])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    trials = optuna.load_study(study_name="enq", storage=_journal(tmp_path / "out")).trials
+    assert trials[0].user_attrs.get("baseline") is True
+    assert trials[1].user_attrs.get("enqueued")
+    assert {"backend": "native", "chunk_size": 64, "decode_mode": "eager"}.items() <= trials[1].params.items()
+    assert trials[2].user_attrs.get("enqueued") and trials[2].params["backend"] == "queued"
+    assert (trials[2].params["chunk_size"], trials[2].params["t_inner"], trials[2].params["heads_per_band"]) == (32, 8, 2)
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    # an entry the space cannot produce is refused before anything is written
+    spec.write_text(spec.read_text().replace('chunk_size = 64, decode_mode', 'chunk_size = 128, decode_mode').replace('"enq"', '"enq2"'))
+    capsys.readouterr()
+    rc = main(["study", "--experiment", str(spec), "--out-dir", str(tmp_path / "out2"), *SMALL])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "enqueue entry 1" in err and "[space]" in err, err
+    assert not (tmp_path / "out2").exists()

@@ -68,6 +68,8 @@ def test_every_shipped_experiment_parses() -> None:
     (_doc(device={"tpu": {}}), "unknown device type"),
     (_doc(device={"cpu": {"space": {"t_inner": []}}}), "empty list"),
     ({"study": {"name": "t"}, "space": {}}, "[space] is empty"),
+    (_doc(study={"name": "t", "enqueue": {"backend": "native"}}), "enqueue must be a list of knob tables"),
+    (_doc(study={"name": "t", "enqueue": [{"backend": "native", "chunk": 64}]}), "enqueue entry 1: unknown knob(s) ['chunk']"),
 ])
 def test_bad_spec_is_one_line_user_error(doc: dict, needle: str) -> None:
     with pytest.raises(UserError) as exc:

@@ -45,7 +45,6 @@ from xlstm_tune.study.records import (
     is_feasible,
     measured,
     mlflow_payload,
-    objective_values,
     user_attrs,
 )
 from xlstm_tune.study.report import render
@@ -267,6 +266,7 @@ class StudyRun:
         self.spec = spec
         self.space = SearchSpace.resolve(spec, self.model_info, caps)
         self.default_key = knob_key(self.space.canonical(self.space.default_knobs()))
+        self.enqueued = [self._enqueue_params(n, e) for n, e in enumerate(spec.study["enqueue"], 1)]
         self.notes += self.space.notes
         self.objectives, obj_notes = effective_objectives(spec.objectives, self.space)
         self.notes += obj_notes
@@ -293,6 +293,17 @@ class StudyRun:
             diff = _first_difference(meta["identity"], self.identity)
             raise UserError(f"study {self.name!r} was run with different settings ({diff}): use the same settings "
                             f"to resume it, or pass a new --study-name")
+
+    def _enqueue_params(self, n: int, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """Sampler params for one [study] enqueue entry, or a UserError saying why it cannot be measured."""
+        knobs = dict(self.space.default_knobs(), **entry)
+        why = self.space.check(knobs)
+        params = None if why else self.space.params_for(knobs)
+        if params is None:
+            reason = why or "its values are not in [space] on this device"
+            raise UserError(f"[study] enqueue entry {n} {dict(entry)} cannot be a trial ({reason}): "
+                            f"change it or widen [space]")
+        return params
 
     # ================================================================================================
     # 2. open
@@ -858,13 +869,17 @@ class StudyRun:
         try:
             self._reconcile()
             self._write_meta()
-            if not self.study.trials and self.sampler_name != "grid":
+            if not self.study.trials and self.sampler_name == "grid" and self.enqueued:
+                self.notes.append("[study] enqueue is not used with the grid sampler: it measures every configuration")
+            elif not self.study.trials:
                 params = self.space.params_for(self.space.default_knobs())
                 if params is not None:
                     self.study.enqueue_trial(params, user_attrs={"baseline": True})
                 else:
                     self.notes.append("the default configuration is outside the search space: it is measured in the "
                                       "confirmation round only")
+                for params in self.enqueued:  # a fresh study only: a resumed one has them in its storage
+                    self.study.enqueue_trial(params, user_attrs={"enqueued": True})
             self._loop()
             data = self._confirm()
             contexts = list(data["contexts"]) if data else []

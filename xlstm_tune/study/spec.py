@@ -48,7 +48,10 @@ _INT_KNOB_MIN = {"chunk_size": 1, "heads_per_band": 1, "workers": 1, "t_inner": 
 
 _SECTIONS: dict[str, dict[str, Any]] = {
     "study": {"name": "xlstm-study", "n_trials": 20, "sampler": "tpe", "seed": 0, "timeout_s": None,
-              "objectives": ["prefill_tok_s", "decode_tok_s"]},
+              "objectives": ["prefill_tok_s", "decode_tok_s"],
+              # configurations to measure first (after the default), e.g. a known-good one on this device:
+              # the sampler learns from them instead of spending its start-up trials on random draws
+              "enqueue": []},
     "model": {"name": "tiny", "device": "auto", "dtype": "float32", "compile": True, "seed": 0},
     "workload": {"context_lens": [512, 2048], "new_tokens": 32, "decode_context_len": None, "prompt": None,
                  "prompt_file": None, "prompt_seed": 0},
@@ -253,6 +256,19 @@ def apply_device_overrides(spec: ExperimentSpec, device_type: str) -> Experiment
     return out
 
 
+def _enqueue_entries(source: str, entries: Any) -> list[dict[str, Any]]:
+    """[study] enqueue: a list of tables of knob values (knobs left out take the default's values)."""
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) and e for e in entries):
+        raise _err(source, "[study] enqueue must be a list of knob tables, e.g. [{backend = \"native\", chunk_size = 128}]")
+    out = []
+    for n, entry in enumerate(entries, 1):
+        unknown = sorted(set(entry) - set(KNOBS))
+        if unknown:
+            raise _err(source, f"[study] enqueue entry {n}: unknown knob(s) {unknown}; knobs are {list(KNOBS)}")
+        out.append(dict(entry))
+    return out
+
+
 def _section(doc: Mapping[str, Any], name: str, source: str) -> dict[str, Any]:
     raw = doc.get(name, {}) or {}
     if not isinstance(raw, Mapping):
@@ -381,6 +397,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     if not isinstance(objectives, list) or not objectives:
         raise _err(source, "[study] objectives must be a non-empty list such as [\"prefill_tok_s\", \"decode_tok_s\"]")
     study["objectives"] = [str(o) for o in objectives]
+    study["enqueue"] = _enqueue_entries(source, study["enqueue"])
 
     # [model]
     if not isinstance(model["name"], str) or not model["name"].strip():
