@@ -54,14 +54,21 @@ def test_decode_modes_match_eager_and_generate_the_same_tokens(model, seed, mode
 
 
 def test_bf16_model_on_cuda_keeps_float32_state_and_tracks_reference(seed):
+    """Reference: the same bf16 weights run in float32 (exact copies). The compiled bf16 path rounds at other
+    points than the eager canonical bf16 path (fused kernels keep intermediates in float32), so it is held to
+    being no further from float32 than the canonical bf16 path, up to a factor for rounding noise."""
     m = load_model("xlstm-20m", device="cuda", dtype="bfloat16",
                    runtime=RuntimeOptions(backend="native", chunk_size=64, compile=True, decode_mode="graph"))
+    ref32 = load_model("xlstm-20m", device="cuda", dtype="float32", runtime=RuntimeOptions(backend="native", compile=False))
+    ref32.net.load_state_dict({k: v.float() for k, v in m.net.state_dict().items()})
     ids = torch.randint(0, 4096, (1, 300), device="cuda")
-    ref, _ = m.reference_forward(ids)
+    want, _ = ref32.reference_forward(ids)
+    canonical, _ = m.reference_forward(ids)
     out, state = m(ids)
     assert all(t.dtype == torch.float32 for block in state for t in block)
-    assert rel_err(out, ref) < 1e-2, f"seed={seed}"
+    assert rel_err(out, want) <= max(2 * rel_err(canonical, want), 1e-2), f"seed={seed}"
     m.close()
+    ref32.close()
 
 
 @pytest.mark.parametrize("n,k", [(12304, 4096), (100, 37), (4096, 10944)])

@@ -57,15 +57,14 @@ def test_step_block_equals_sequence_and_splits_carry_state(seed):
 
 def test_bf16_inputs_keep_float32_state(seed):
     q, k, v, i, f, _ = _inputs(1, 2, 40, 64, 64, with_state=False)
-    low = [x.bfloat16() for x in (q, k, v, i, f)]
+    # Positive q and k keep the normaliser q.n away from cancellation (with random signs it can nearly
+    # cancel at 64 dims and amplify float32 rounding in any implementation), so float32 work stays ~1e-6
+    # from float64 while any bf16 rounding inside the kernel would show as ~1e-3.
+    low = [x.bfloat16() for x in (q.abs(), k.abs(), v, i, f)]
     h, state = mlstm_chunkwise(*low, chunk_size=16)
     assert all(s.dtype == torch.float32 for s in state) and h.dtype == torch.float32
-    # Given the same (bf16-rounded) inputs, the kernel computes in float32: no bf16 loss inside it.
     ref_h, _ = mlstm_quadratic_fp64(*low)
-    # With 64-dim random heads the normaliser |q.n| can nearly cancel, which amplifies float32 rounding
-    # in *any* implementation: the bound is the project tolerance or twice the step path's own error.
-    step_err = rel_err(mlstm_sequence(*low)[0], ref_h)
-    assert rel_err(h, ref_h) < max(TOL, 2 * step_err), f"seed={seed}"
+    assert rel_err(h, ref_h) < TOL, f"seed={seed}"
 
 
 def _slstm_fp64_loop(wx, r, b):
