@@ -136,7 +136,7 @@ def worker_ours(model_name: str, config: dict, args) -> dict:
     model.stats.reset()
     model(torch.randint(0, model.config.vocab_size, (1, args.lengths[0]), device=args.device))
     res["kernel_paths"] = dict(model.stats.kernel_paths)
-    res["decode_fused"] = bool(getattr(model._decode, "fused", False))
+    res["decode_path"] = model.decode_path
     res["load_s"] = load_s
     res["params"] = sum(p.numel() for p in model.net.parameters())
     res["options"] = model.runtime.to_dict()
@@ -308,7 +308,7 @@ def main() -> int:
             res = run_worker(target, model_name, args, env)
             row = {"model": model_name, "target": target, **res, "limit": limit}
             results["rows"].append(row)
-            brief = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items() if "tok_s" in k or k in ("error", "warmup_decode_s", "decode_fused")}
+            brief = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items() if "tok_s" in k or k in ("error", "warmup_decode_s", "decode_path")}
             print(f"  {model_name:11s} {target:28s} {brief}", flush=True)
     print_table(results, args.lengths)
     if args.json:

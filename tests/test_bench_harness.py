@@ -127,6 +127,7 @@ def test_decode_and_stats_csv(model, tmp_path: Path) -> None:
     model.runtime = RuntimeOptions(backend="native", chunk_size=16, t_inner=4, compile=False)
     res = bench_decode(model, prompt_ids(model, 20, PromptSource()), 8, FAST)
     assert res.tok_s.median > 0 and res.new_tokens == 8 and res.context_len == 20
+    assert res.path == model.runtime.decode_mode == "eager" and res.flat()["decode_path"] == "eager"
     assert len(res.tokens) == 9 and len(res.steps) == 7  # first token from prefill; steps 1..7 timed
     assert [r["step"] for r in res.steps] == list(range(1, 8))
     assert res.steps[-1]["cum_ms"] >= res.steps[0]["dt_ms"]

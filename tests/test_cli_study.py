@@ -141,6 +141,7 @@ def test_full_study_end_to_end(finished: dict) -> None:
         assert m in child.data.metrics, m
     for tag in ("trial_state", "device", "torch_version", "failure_reason"):
         assert tag in child.data.tags, tag
+    assert child.data.tags["decode_path"] == child.data.params["decode_mode"]  # CPU: eager or compiled, as asked
     arts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"trial_1.txt", "trial_1_decode.csv"} <= arts
     # quality: every trial's continuation is scored and judged, and the scores reach MLflow

@@ -158,8 +158,8 @@ def test_graph_decode_captures_the_fused_step_for_batch_1_only(seed):
     want, _ = m.generate(prompt, max_new_tokens=16)
     m.runtime = RuntimeOptions(backend="native", compile=False, decode_mode="graph")
     got, _ = m.generate(prompt, max_new_tokens=16)
-    assert m._decode.fused
+    assert m.decode_path == "graph:fused"
     assert torch.equal(got, want), f"seed={seed}"
     m.generate(prompt.repeat(2, 1), max_new_tokens=4)
-    assert not m._decode.fused  # batch 2 recaptured the generic step
+    assert m.decode_path == "graph:step"  # batch 2 recaptured the generic step
     m.close()

@@ -148,10 +148,11 @@ class DecodeResult:
     cv_high: bool
     steps: list[dict[str, float]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    path: str = ""  # LanguageModel.decode_path: which step ran
 
     def flat(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.tok_s.as_dict("decode_tok_s"))
-        out.update(decode_s=self.seconds.median, decode_first_call_s=self.first_call_s,
+        out.update(decode_path=self.path, decode_s=self.seconds.median, decode_first_call_s=self.first_call_s,
                    decode_compile_s=self.compile_s, decode_rounds=self.rounds, decode_cv_high=self.cv_high,
                    decode_new_tokens=self.new_tokens, decode_context_len=self.context_len)
         return out
@@ -256,7 +257,7 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
     return DecodeResult(
         new_tokens=new_tokens, context_len=int(prompt.shape[-1]), tok_s=throughput(new_tokens * int(prompt.shape[0]), m),
         seconds=m.summary, first_call_s=first, compile_s=_compile_s(first, m), rounds=m.rounds, cv_high=m.cv_high,
-        steps=decode_step_rows(steps), tokens=tokens,
+        steps=decode_step_rows(steps), tokens=tokens, path=getattr(model, "decode_path", ""),
     )
 
 

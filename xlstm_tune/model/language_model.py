@@ -75,6 +75,15 @@ class LanguageModel:
         return FusedDecodeStep(self.net, kernels)
 
     @property
+    def decode_path(self) -> str:
+        """What one decode token runs: `eager`, `compiled`, `graph:fused` (the fused batch-1 kernels),
+        `graph:step` (the captured step), or `graph` before the first capture."""
+        mode = self._decode.mode
+        if mode != "graph" or self._decode.graph is None:
+            return mode
+        return "graph:fused" if self._decode.fused else "graph:step"
+
+    @property
     def stats(self) -> RunStats:
         """What ran since the last `stats.reset()`: kernel paths, tasks, compiled calls, chunk sizes."""
         return self._cells.stats  # type: ignore[union-attr]

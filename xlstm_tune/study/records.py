@@ -151,6 +151,8 @@ def mlflow_payload(rec: Mapping[str, Any], *, device: Mapping[str, Any] | None =
         "failure_reason": rec.get("failure_reason") or "",
         "config_key": rec.get("key", ""),
     }
+    if rec.get("decode_path"):
+        tags["decode_path"] = rec["decode_path"]
     if rec.get("error"):
         tags["error"] = str(rec["error"])[:500]
         tags["error_type"] = rec.get("error_type") or ""
