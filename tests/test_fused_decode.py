@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -27,13 +26,8 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def kernels():
-    if HAS_CUDA:
-        yield importlib.import_module("xlstm_tune.kernels.decode_triton")
-        return
-    # Triton's interpreter switch must be on from the kernels' definition (import) to their last launch.
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield importlib.import_module("xlstm_tune.kernels.decode_triton")
-    del os.environ["TRITON_INTERPRET"]
+    # without CUDA, conftest switched Triton's interpreter on for the whole session
+    return importlib.import_module("xlstm_tune.kernels.decode_triton")
 
 
 def _rand(*shape, dtype=torch.float32):

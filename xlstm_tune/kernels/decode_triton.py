@@ -42,9 +42,11 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+# K is a compile-time constant: each product shape compiles once anyway (autotuning is per shape), and
+# Triton's CPU interpreter cannot loop over a runtime bound with NumPy >= 2.3.
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "PROLOGUE", "EPILOGUE", "HAS_BIAS"])
 @triton.jit
-def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_ptr, N, K, stride_wn, eps, cap,
+def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_ptr, N, K: tl.constexpr, stride_wn, eps, cap,
                        PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
