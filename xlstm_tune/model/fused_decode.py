@@ -57,10 +57,7 @@ class FusedDecodeStep:
                     dst.copy_(src)
                 xa.copy_(y.view(-1))
                 continue
-            layer, ffn = block.mlstm_layer, block.ffn
-            if layer.in_weight is None or ffn.up_weight is None:
-                layer.fuse()
-                ffn.fuse()
+            layer, ffn = block.mlstm_layer, block.ffn  # projections fused in __init__
             norm, mh, fn = block.norm_mlstm, layer.multihead_norm, block.norm_ffn
             splits = layer.splits
             k.fused_gemv(xa, layer.in_weight, self.proj, bias=layer.in_bias, rms_weight=norm.weight, eps=norm.eps)

@@ -240,6 +240,7 @@ class _HTTPJudge(Judge):
     """Shared request/retry/validation loop; subclasses say where to POST and how to unwrap."""
 
     path: str = ""
+    kind: str = ""  # the judge's name in messages and in `name` (ollama, openai)
 
     def __init__(
         self,
@@ -250,8 +251,8 @@ class _HTTPJudge(Judge):
         retries: int = 3,
         backoff_s: float = 0.5,
         seed: int = 0,
-        kind: str,
     ) -> None:
+        kind = self.kind
         self.url = _validate_url(url, kind)
         if not model or not isinstance(model, str):
             raise UserError(f"{kind} judge needs a model name; pass --judge-model NAME")
@@ -374,18 +375,7 @@ class OllamaJudge(_HTTPJudge):
     """A model served by Ollama, asked through ``/api/chat`` with the answer schema as ``format``."""
 
     path = "/api/chat"
-
-    def __init__(
-        self,
-        url: str,
-        model: str,
-        timeout_s: float = 60,
-        retries: int = 3,
-        backoff_s: float = 0.5,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(url, model, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                         seed=seed, kind="ollama")
+    kind = "ollama"
 
     def _body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         return {
@@ -412,6 +402,7 @@ class OpenAIJudge(_HTTPJudge):
     """
 
     path = "/v1/chat/completions"
+    kind = "openai"
 
     def __init__(
         self,
@@ -423,11 +414,10 @@ class OpenAIJudge(_HTTPJudge):
         backoff_s: float = 0.5,
         seed: int = 0,
     ) -> None:
-        url = _validate_url(url, "openai")
+        url = _validate_url(url, self.kind)
         if url.endswith("/v1"):
             url = url[: -len("/v1")]
-        super().__init__(url, model, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s,
-                         seed=seed, kind="openai")
+        super().__init__(url, model, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, seed=seed)
         self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or None
 
     def __repr__(self) -> str:  # never print the key
