@@ -41,6 +41,8 @@ OUR_CONFIGS = {
                                 _env={"XLSTM_FUSED_DECODE": "0", "XLSTM_TRITON_GEMV": "0"}),  # A/B: framework GEMM in decode
     "native-c128-unfused": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
                                 _env={"XLSTM_FUSED_DECODE": "0"}),  # A/B: captured compiled step, Triton GEMV
+    "native-c128-ieee-cell": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
+                                  _env={"XLSTM_TF32_CELL": "0"}),  # A/B: float32 cell products without TF32
     "native-compiled-decode": dict(backend="native", chunk_size=64, compile=True, decode_mode="compiled"),
     "queued-streams": dict(backend="queued", chunk_size=64, t_inner=16, heads_per_band=2, workers=4, streams=4,
                            compile=True, decode_mode="graph"),
@@ -136,6 +138,7 @@ def worker_ours(model_name: str, config: dict, args) -> dict:
     model.stats.reset()
     model(torch.randint(0, model.config.vocab_size, (1, args.lengths[0]), device=args.device))
     res["kernel_paths"] = dict(model.stats.kernel_paths)
+    res["cell_products"] = sorted(model.stats.cell_products)
     res["decode_path"] = model.decode_path
     res["load_s"] = load_s
     res["params"] = sum(p.numel() for p in model.net.parameters())
@@ -308,7 +311,7 @@ def main() -> int:
             res = run_worker(target, model_name, args, env)
             row = {"model": model_name, "target": target, **res, "limit": limit}
             results["rows"].append(row)
-            brief = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items() if "tok_s" in k or k in ("error", "warmup_decode_s", "decode_path")}
+            brief = {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items() if "tok_s" in k or k in ("error", "warmup_decode_s", "decode_path", "cell_products")}
             print(f"  {model_name:11s} {target:28s} {brief}", flush=True)
     print_table(results, args.lengths)
     if args.json:

@@ -61,6 +61,7 @@ def main() -> int:
         events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(key(e) for e in events) / 1e6
     print(f"{args.model} {args.dtype} prefill {args.length} tokens on {torch.cuda.get_device_name() if gpu else 'cpu'}: "
+          f"cell products {sorted(model.stats.cell_products)}, "
           f"wall {wall * 1e3:.1f} ms ({args.length / wall:,.0f} tok/s), kernels {total * 1e3:.1f} ms")
     print("| kernel | calls | ms | share |\n|---|---|---|---|")
     for e in sorted(events, key=key, reverse=True)[:args.top]:

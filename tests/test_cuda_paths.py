@@ -10,6 +10,8 @@ import torch
 
 from conftest import rel_err
 from xlstm_tune import RuntimeOptions, load_model
+from xlstm_tune.kernels.reference import mlstm_quadratic_fp64
+from xlstm_tune.runtime.tiles import RunStats, TileConfig, mlstm_chunk_tile
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = 1e-4
@@ -69,6 +71,39 @@ def test_bf16_model_on_cuda_keeps_float32_state_and_tracks_reference(seed):
     assert rel_err(out, want) <= max(2 * rel_err(canonical, want), 1e-2), f"seed={seed}"
     m.close()
     ref32.close()
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_bf16_chunk_tile_runs_tf32_products_within_bound_and_float32_stays_ieee(seed, compile, monkeypatch):
+    """bf16 inputs at the 7B head shape (K 256, V 512; 300 steps: two chunks of 128 and a tail), against float64
+    on the same bf16 values. TF32 must stay far below the model's own bf16 rounding, measurably differ from
+    IEEE products (else it did not run), and leave the process's matmul precision as it found it."""
+    H, S, K, V = 2, 300, 256, 512
+    q, k = torch.rand(1, H, S, K, device="cuda"), torch.rand(1, H, S, K, device="cuda")  # positive: no q.n cancellation
+    v = torch.randn(1, H, S, V, device="cuda")
+    i, f = torch.randn(1, H, S, device="cuda") * 3, torch.randn(1, H, S, device="cuda") * 3 + 2
+    low = [x.bfloat16() for x in (q, k, v, i, f)]
+    state = (torch.randn(1, H, K, V, device="cuda"), torch.rand(1, H, K, device="cuda"), torch.randn(1, H, 1, device="cuda"))
+    ref_h, ref_state = mlstm_quadratic_fp64(*low, state)
+    cfg = TileConfig(chunk_size=128, t_inner=16, compile=compile)
+    prior = torch.backends.cuda.matmul.fp32_precision
+
+    def run(tensors):
+        stats = RunStats()
+        h, new_state = mlstm_chunk_tile(*tensors, state, cfg, stats)
+        return h, new_state, stats.as_dict()["cell_products"]
+
+    h_tf32, st_tf32, ran = run(low)
+    assert ran == ["tf32"] and torch.backends.cuda.matmul.fp32_precision == prior
+    monkeypatch.setenv("XLSTM_TF32_CELL", "0")
+    h_ieee, st_ieee, ran_off = run(low)
+    assert ran_off == ["ieee"]
+    err_tf32, err_ieee = rel_err(h_tf32, ref_h), rel_err(h_ieee, ref_h)
+    assert err_ieee < TOL and err_tf32 < 2e-3 and err_tf32 > 3 * err_ieee, f"seed={seed} {err_tf32=} {err_ieee=}"
+    assert all(t.dtype == torch.float32 for t in st_tf32)
+    assert all(rel_err(a, b) < 2e-3 for a, b in zip(st_tf32, ref_state)), f"seed={seed}"
+    monkeypatch.delenv("XLSTM_TF32_CELL")
+    assert run([x.float() for x in low])[2] == ["ieee"]  # float32 models never get TF32
 
 
 @pytest.mark.parametrize("n,k", [(12304, 4096), (100, 37), (4096, 10944)])

@@ -100,6 +100,7 @@ def test_every_knob_changes_what_runs(model):
     # backend: a different kernel path
     s_n = _run_stats(model, ids, backend="native", chunk_size=16)
     assert "mlstm.chunkwise.eager" in s_n["kernel_paths"] and "mlstm.step_block.eager" not in s_n["kernel_paths"]
+    assert s_n["cell_products"] == ["ieee"]  # TF32 cell products are for bf16/fp16 models on CUDA only
     # native chunk_size reaches the chunkwise tile: a chunk larger than the prompt is one tile call per layer
     s_n2 = _run_stats(model, ids, backend="native", chunk_size=64)
     assert s_n2["chunk_sizes"] == [64]
@@ -168,3 +169,4 @@ def test_env_round_trip_and_seed_names():
     merged = RuntimeOptions.merged(cli={"workers": 2}, environ={"XLSTM_MPS_WORKERS": "7", "XLSTM_CHUNK_SIZE": "16"},
                                    config={"chunk_size": 64, "workers": 9, "t_inner": 2})
     assert (merged.workers, merged.chunk_size, merged.t_inner) == (2, 16, 2)
+

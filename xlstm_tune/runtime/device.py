@@ -287,6 +287,34 @@ def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int
     return graph, out
 
 
+def uses_tf32_cell_products(x: torch.Tensor) -> bool:
+    """Whether the mLSTM cell's float32 matrix products for inputs like `x` run as TF32 on tensor cores.
+
+    Only on CUDA and only for bf16/fp16 models: their q, k, v are bf16/fp16 values, which TF32 holds
+    exactly, so q·kᵀ is unchanged and only the float32 decay-weighted operands and states are read at
+    TF32's 2**-11 (an order below the model's own bf16 rounding, 2**-8). Float32 models keep IEEE products:
+    their parity bound (1e-4) would not survive TF32. XLSTM_TF32_CELL=0 turns it off (A/B measurements).
+    """
+    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("XLSTM_TF32_CELL", "1").strip() != "0")
+
+
+@contextlib.contextmanager
+def tf32_cell_products(enabled: bool) -> Any:
+    """TF32 for CUDA float32 matrix products while the block runs, restored after (`enabled` from
+    `uses_tf32_cell_products`). The setting is process-wide; the cell runs it from one thread (`native`)."""
+    if not enabled:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    prior = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = prior
+
+
 def float64_device(device: str | torch.device) -> torch.device:
     """Where float64 math on this device's tensors should run: the device itself, or the CPU for MPS
     (which has no float64)."""

@@ -19,6 +19,7 @@ from torch import Tensor
 from xlstm_tune.kernels.mlstm import State, mlstm_chunkwise, mlstm_step_block
 from xlstm_tune.kernels.slstm import SState, slstm_step_block
 from xlstm_tune.runtime import watchdog
+from xlstm_tune.runtime.device import tf32_cell_products, uses_tf32_cell_products
 
 _COMPILED: dict[str, "CompiledKernel"] = {}
 _COMPILE_LOCK = threading.Lock()
@@ -85,6 +86,7 @@ class RunStats:
     compiled_calls: int = 0
     eager_calls: int = 0
     chunk_sizes: set = field(default_factory=set)
+    cell_products: set = field(default_factory=set)  # "tf32" or "ieee": how the chunkwise cell's products ran
     band_widths: set = field(default_factory=set)
     t_inner: set = field(default_factory=set)
     tokens_prefilled: int = 0
@@ -113,6 +115,7 @@ class RunStats:
             self.kernel_paths.clear()
             self.tasks_dispatched = self.compiled_calls = self.eager_calls = self.tokens_prefilled = 0
             self.chunk_sizes.clear()
+            self.cell_products.clear()
             self.band_widths.clear()
             self.t_inner.clear()
 
@@ -124,6 +127,7 @@ class RunStats:
                 "compiled_calls": self.compiled_calls,
                 "eager_calls": self.eager_calls,
                 "chunk_sizes": sorted(self.chunk_sizes),
+                "cell_products": sorted(self.cell_products),
                 "band_widths": sorted(self.band_widths),
                 "t_inner": sorted(self.t_inner),
                 "tokens_prefilled": self.tokens_prefilled,
@@ -173,7 +177,10 @@ def mlstm_chunk_tile(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, stat
     """Chunkwise-parallel tile: one call over the band (compiled where asked)."""
     watchdog.checkpoint()
     fn = compiled("mlstm_chunkwise", mlstm_chunkwise) if cfg.compile else mlstm_chunkwise
-    h, state = fn(q, k, v, i, f, state, chunk_size=cfg.chunk_size)
+    tf32 = uses_tf32_cell_products(q)
+    with tf32_cell_products(tf32):
+        h, state = fn(q, k, v, i, f, state, chunk_size=cfg.chunk_size)
+    stats.note(cell_products="tf32" if tf32 else "ieee")
     stats.add("mlstm.chunkwise." + ("compiled" if cfg.compile else "eager"), 1, is_compiled=cfg.compile)
     return h, state
 
