@@ -170,3 +170,53 @@ def test_env_round_trip_and_seed_names():
                                    config={"chunk_size": 64, "workers": 9, "t_inner": 2})
     assert (merged.workers, merged.chunk_size, merged.t_inner) == (2, 16, 2)
 
+
+def _scale_and_shift(x: torch.Tensor) -> torch.Tensor:
+    return x * 3 + 1
+
+
+def test_compile_gate_keeps_warm_calls_out_of_a_running_compile():
+    """Dynamo's FX-tracing flag is process-wide: a warm call that starts while another thread traces raises.
+    The gate makes warm calls wait for a running compile, and a compile wait for running warm calls."""
+    import threading
+
+    from xlstm_tune.runtime.tiles import CompiledKernel, CompileGate
+
+    gate = CompileGate()
+    kernel = CompiledKernel(_scale_and_shift, gate=gate)
+    x = torch.randn(5)
+    assert torch.equal(kernel(x), x * 3 + 1)  # compiles this signature
+    done = threading.Event()
+    result: list[torch.Tensor] = []
+
+    def warm_call() -> None:
+        result.append(kernel(x))
+        done.set()
+
+    with gate.compiling():  # as if another thread were tracing a new signature
+        worker = threading.Thread(target=warm_call)
+        worker.start()
+        assert not done.wait(0.3)  # the warm call waits for the compile to end
+    assert done.wait(10) and torch.equal(result[0], x * 3 + 1)
+    worker.join()
+
+    entered, release, compiled = threading.Event(), threading.Event(), threading.Event()
+
+    def long_warm_call() -> None:
+        with gate.warm_call():
+            entered.set()
+            release.wait(10)
+
+    def compile_() -> None:
+        with gate.compiling():
+            compiled.set()
+
+    threads = [threading.Thread(target=long_warm_call), threading.Thread(target=compile_)]
+    threads[0].start()
+    assert entered.wait(10)
+    threads[1].start()
+    assert not compiled.wait(0.3)  # a compile waits for warm calls in flight
+    release.set()
+    assert compiled.wait(10)
+    for t in threads:
+        t.join()

@@ -8,8 +8,10 @@ Schedulers (inline, queued, ray) decide where and how concurrently bands run; th
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,14 +38,54 @@ def _signature(value: Any) -> Any:
     return value if isinstance(value, (int, float, str, bool, type(None))) else id(value)
 
 
+class CompileGate:
+    """Process-wide: compiles run one at a time and alone; warm calls run concurrently between them.
+
+    Dynamo's FX-tracing flag is global to the process, so a warm call that starts while another thread is
+    tracing takes itself for a nested trace and raises (seen on CUDA with the queued backend's workers).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._compiling = False
+
+    @contextlib.contextmanager
+    def warm_call(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._compiling)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def compiling(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._compiling and self._running == 0)
+            self._compiling = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._compiling = False
+                self._cond.notify_all()
+
+
+_GATE = CompileGate()
+
+
 class CompiledKernel:
     """torch.compile of one kernel, safe to call from many scheduler threads.
 
-    Dynamo cannot trace the same function from two threads at once, so the first call for each new
-    signature (the one that compiles) runs under a lock; once a signature is warm, calls run concurrently.
+    The first call for each new signature compiles, alone in the process (`CompileGate`); once a signature
+    is warm, calls run concurrently.
     """
 
-    def __init__(self, fn: Callable[..., Any]):
+    def __init__(self, fn: Callable[..., Any], gate: CompileGate = _GATE):
         import torch._dynamo
 
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
@@ -53,13 +95,14 @@ class CompiledKernel:
             torch._dynamo.config.fail_on_recompile_limit_hit = True  # never fall back to eager silently
         self.fn = torch.compile(fn, dynamic=False)
         self.warm: set = set()
-        self.lock = threading.Lock()
+        self.gate = gate
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = _signature((args, kwargs))
         if key in self.warm:
-            return self.fn(*args, **kwargs)
-        with self.lock:
+            with self.gate.warm_call():
+                return self.fn(*args, **kwargs)
+        with self.gate.compiling():
             out = self.fn(*args, **kwargs)
             self.warm.add(key)
         return out
