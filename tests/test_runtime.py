@@ -211,12 +211,21 @@ def test_compile_gate_keeps_warm_calls_out_of_a_running_compile():
         with gate.compiling():
             compiled.set()
 
-    threads = [threading.Thread(target=long_warm_call), threading.Thread(target=compile_)]
+    late = threading.Event()
+
+    def late_warm_call() -> None:
+        with gate.warm_call():
+            late.set()
+
+    threads = [threading.Thread(target=long_warm_call), threading.Thread(target=compile_),
+               threading.Thread(target=late_warm_call)]
     threads[0].start()
     assert entered.wait(10)
     threads[1].start()
     assert not compiled.wait(0.3)  # a compile waits for warm calls in flight
+    threads[2].start()
+    assert not late.wait(0.3)  # and a warm call arriving meanwhile queues behind the waiting compile
     release.set()
-    assert compiled.wait(10)
+    assert compiled.wait(10) and late.wait(10)
     for t in threads:
         t.join()

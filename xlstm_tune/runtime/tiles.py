@@ -43,17 +43,19 @@ class CompileGate:
 
     Dynamo's FX-tracing flag is global to the process, so a warm call that starts while another thread is
     tracing takes itself for a nested trace and raises (seen on CUDA with the queued backend's workers).
+    A waiting compile goes first: new warm calls queue behind it, so busy workers cannot starve it.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._running = 0
         self._compiling = False
+        self._compiles_waiting = 0
 
     @contextlib.contextmanager
     def warm_call(self) -> Iterator[None]:
         with self._cond:
-            self._cond.wait_for(lambda: not self._compiling)
+            self._cond.wait_for(lambda: not self._compiling and not self._compiles_waiting)
             self._running += 1
         try:
             yield
@@ -65,7 +67,9 @@ class CompileGate:
     @contextlib.contextmanager
     def compiling(self) -> Iterator[None]:
         with self._cond:
+            self._compiles_waiting += 1
             self._cond.wait_for(lambda: not self._compiling and self._running == 0)
+            self._compiles_waiting -= 1
             self._compiling = True
         try:
             yield
