@@ -180,3 +180,20 @@ def test_cuda_graph_capture_and_replay() -> None:
     dev.synchronize(cuda)
     assert out.tolist() == [2 * i + 1 for i in range(8)]
     assert float(counter) == 3
+
+
+def test_tf32_cell_products_only_for_low_precision_cuda_inputs_and_restore_the_setting(monkeypatch) -> None:
+    """TF32 is chosen for bf16/fp16 inputs on CUDA only, and the process-wide setting comes back as it was."""
+    assert not dev.uses_tf32_cell_products(torch.zeros(2, dtype=torch.bfloat16))  # CPU tensors: never
+    assert not dev.uses_tf32_cell_products(torch.zeros(2))
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    with dev.tf32_cell_products(True):
+        assert getattr(matmul, name) in ("tf32", True)
+    assert getattr(matmul, name) == before
+    with pytest.raises(RuntimeError), dev.tf32_cell_products(True):
+        raise RuntimeError("the setting is restored on errors too")
+    assert getattr(matmul, name) == before
+    with dev.tf32_cell_products(False):
+        assert getattr(matmul, name) == before

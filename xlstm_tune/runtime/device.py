@@ -307,12 +307,14 @@ def tf32_cell_products(enabled: bool) -> Any:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    prior = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
+    # torch >= 2.9 has the precision setting; older releases only the (since deprecated) TF32 switch
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    prior = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        matmul.fp32_precision = prior
+        setattr(matmul, name, prior)
 
 
 def float64_device(device: str | torch.device) -> torch.device:
