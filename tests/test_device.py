@@ -182,7 +182,7 @@ def test_cuda_graph_capture_and_replay() -> None:
     assert float(counter) == 3
 
 
-def test_tf32_cell_products_only_for_low_precision_cuda_inputs_and_restore_the_setting(monkeypatch) -> None:
+def test_tf32_cell_products_only_for_low_precision_cuda_inputs_and_restore_the_setting() -> None:
     """TF32 is chosen for bf16/fp16 inputs on CUDA only, and the process-wide setting comes back as it was."""
     assert not dev.uses_tf32_cell_products(torch.zeros(2, dtype=torch.bfloat16))  # CPU tensors: never
     assert not dev.uses_tf32_cell_products(torch.zeros(2))
