@@ -110,15 +110,27 @@ def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True,
 
 # ---- results ---------------------------------------------------------------------------------------
 @dataclass
-class PrefillResult:
-    context_len: int
-    tokens: int
+class TimedResult:
+    """What every measured call reports: throughput, wall time, first-call and compile time, stability."""
+
     tok_s: Summary
     seconds: Summary
     first_call_s: float
     compile_s: float
     rounds: int
     cv_high: bool
+
+
+def _timing(items: int, first: float, m: Measurement) -> dict[str, Any]:
+    """TimedResult's fields from a measurement of calls that each process `items` tokens."""
+    return dict(tok_s=throughput(items, m), seconds=m.summary, first_call_s=first,
+                compile_s=max(0.0, first - m.summary.median), rounds=m.rounds, cv_high=m.cv_high)
+
+
+@dataclass
+class PrefillResult(TimedResult):
+    context_len: int
+    tokens: int
     stats: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
 
@@ -137,15 +149,9 @@ class PrefillResult:
 
 
 @dataclass
-class DecodeResult:
+class DecodeResult(TimedResult):
     new_tokens: int
     context_len: int
-    tok_s: Summary
-    seconds: Summary
-    first_call_s: float
-    compile_s: float
-    rounds: int
-    cv_high: bool
     steps: list[dict[str, float]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     path: str = ""  # LanguageModel.decode_path: which step ran
@@ -170,10 +176,6 @@ def clone_state(state: Any) -> Any:
     return [tuple(t.clone() for t in block) for block in state]
 
 
-def _compile_s(first: float, m: Measurement) -> float:
-    return max(0.0, first - m.summary.median)
-
-
 # ---- prefill ---------------------------------------------------------------------------------------
 def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: dict[str, Any] | None = None) -> PrefillResult:
     """Prefill throughput of `model` on `ids` [B, S] with its current runtime knobs (state starts empty)."""
@@ -192,11 +194,8 @@ def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: 
                 max_cv=settings.max_cv, max_rounds=settings.max_rounds)
     stats = model.stats.as_dict()
     verify_stats(options, stats, has_mlstm=info.get("has_mlstm", True), has_slstm=info.get("has_slstm", False))
-    return PrefillResult(
-        context_len=n_tokens, tokens=int(ids.numel()), tok_s=throughput(int(ids.numel()), m), seconds=m.summary,
-        first_call_s=first, compile_s=_compile_s(first, m), rounds=m.rounds, cv_high=m.cv_high,
-        stats=stats, flags=flags,
-    )
+    return PrefillResult(context_len=n_tokens, tokens=int(ids.numel()), **_timing(int(ids.numel()), first, m),
+                         stats=stats, flags=flags)
 
 
 # ---- decode ----------------------------------------------------------------------------------------
@@ -255,8 +254,7 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
                                 on_step=lambda n, dt: steps.append((n, dt)))
         tokens = [int(first_token.flatten()[0])] + [int(t) for t in out[0].tolist()]
     return DecodeResult(
-        new_tokens=new_tokens, context_len=int(prompt.shape[-1]), tok_s=throughput(new_tokens * int(prompt.shape[0]), m),
-        seconds=m.summary, first_call_s=first, compile_s=_compile_s(first, m), rounds=m.rounds, cv_high=m.cv_high,
+        new_tokens=new_tokens, context_len=int(prompt.shape[-1]), **_timing(new_tokens * int(prompt.shape[0]), first, m),
         steps=decode_step_rows(steps), tokens=tokens, path=getattr(model, "decode_path", ""),
     )
 

@@ -87,10 +87,7 @@ class GraphStep:
 
     def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
         if self.graph is None or self.static_token.shape != token.shape or len(state) != len(self.static_state):
-            self._capture(token, state)
-            # capture ran the step on the static copies during warm-up; restore the caller's state
-            for dst, src in zip(_flatten(self.static_state), _flatten(state)):
-                dst.copy_(src)
+            self._capture(token, state)  # advanced the static copies during warm-up: reloaded just below
         if state is not self.static_state:
             for dst, src in zip(_flatten(self.static_state), _flatten(state)):
                 dst.copy_(src)

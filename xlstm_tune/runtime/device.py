@@ -22,7 +22,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -300,7 +300,7 @@ def uses_tf32_cell_products(x: torch.Tensor) -> bool:
 
 
 @contextlib.contextmanager
-def tf32_cell_products(enabled: bool) -> Any:
+def tf32_cell_products(enabled: bool) -> Iterator[None]:
     """TF32 for CUDA float32 matrix products while the block runs, restored after (`enabled` from
     `uses_tf32_cell_products`). The setting is process-wide; the cell runs it from one thread (`native`)."""
     if not enabled:
