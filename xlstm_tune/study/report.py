@@ -67,9 +67,12 @@ def _confirmation_lines(conf: Mapping[str, Any]) -> list[str]:
         paired = e.get("paired") or {}
         fid = e.get("fidelity") or {}
         status = "error" if e.get("error") else ("ok" if fid.get("passed") else "fidelity failed")
-        rows.append([f"#{e['trials'][0]}" if e.get("trials") else e["key"][:12], _knob_line(e["knobs"]),
+        changed = {k: v for k, v in e["knobs"].items() if conf["configs"][0]["knobs"].get(k) != v}
+        rows.append([f"#{e['trials'][0]}" if e.get("trials") else e["key"][:12],
+                     " ".join(f"{k}={v}" for k, v in changed.items()) or "(as the default)",
                      *[_vs((paired.get("prefill") or {}).get(n)) for n in lens], _vs(paired.get("decode")), status])
-    return lines + _table(["trial", "knobs", *[f"prefill {n}" for n in lens], "decode", "fidelity"], rows)
+    return lines + _table(["trial", "knobs unlike the default", *[f"prefill {n}" for n in lens], "decode", "fidelity"],
+                          rows)
 
 
 def render(summary: Mapping[str, Any]) -> str:
