@@ -132,7 +132,7 @@ def _measure(prefill: float, decode: float) -> dict[str, Any]:
 def make_round(cands: dict[str, tuple[list[float], list[float]]], rounds: int) -> tuple[dict, dict, list[dict]]:
     """A worker reply: per round D, C1, D, C2...; candidate `key` has per-round (prefill, decode) ratios."""
     default = {"key": "D", "knobs": DEFAULT_KNOBS, "trials": [0]}
-    candidates = [{"key": k, "knobs": dict(DEFAULT_KNOBS, chunk_size=16 * (i + 1)), "trials": [i + 1], "why": []}
+    candidates = [{"key": k, "knobs": dict(DEFAULT_KNOBS, chunk_size=64 * (i + 1)), "trials": [i + 1], "why": []}
                   for i, k in enumerate(cands)]
     passed = {"passed": True, "rel_err": 1e-7}
     raw: dict[str, Any] = {"configs": {c["key"]: {"prefill": {"128": [], "512": []}, "decode": [], "fidelity": passed,
@@ -291,3 +291,26 @@ def test_worker_pairs_each_candidate_with_the_default_measured_right_before_it(t
     summary = confirm.summarize_round(reply, {"key": "D", "knobs": DEFAULT_KNOBS}, configs[1:], [16, 32])
     assert summary["paired_rounds"] == 3
     assert all(e["paired"]["prefill"]["16"]["rounds"] == 3 for e in summary["configs"][1:])
+
+
+def test_terminal_summary_shows_intervals_verdicts_and_why_the_default_stays() -> None:
+    from xlstm_tune.study.report import render
+
+    raw, d, c = make_round({"steady": ([1.3, 1.32, 1.28, 1.31], [1.0, 1.01, 0.99, 1.0]),
+                            "trader": ([1.5, 1.5, 1.5, 1.5], [0.8, 0.81, 0.79, 0.8])}, rounds=4)
+    raw["pairs"] = [p for p in raw["pairs"] if p["key"] != "steady" or p["round"] < 2]  # 2 rounds: no evidence
+    summary = confirm.summarize_round(raw, d, c, [128, 512])
+    chosen = confirm.choose_best(summary, [128, 512], "balanced")
+    contexts = confirm.best_contexts(summary, chosen, {}, "balanced")
+    text = render({"study": "s", "records": [], "contexts": contexts, "default": summary["configs"][0],
+                   "confirmation": summary, "paths": {}})
+    assert text.count("default (no winner)") == 2
+    assert "No winner at context 128: no candidate is faster than the default with 95% confidence" in text
+    trader = next(ln for ln in text.splitlines() if ln.startswith("#2 "))
+    est = summary["configs"][2]["paired"]
+    assert "chunk_size=128" in trader and "backend=" not in trader  # only the knobs unlike the default
+    assert f"{est['prefill']['128']['speedup']:.2f}x [{est['prefill']['128']['low']:.2f}-" in trader
+    assert trader.count(" wins") == 2 and " worse" in trader
+    steady = next(ln for ln in text.splitlines() if ln.startswith("#1 "))
+    assert steady.count("not enough evidence") == 3
+    assert "Default configuration: backend=queued chunk_size=32 heads_per_band=4 workers=1" in text

@@ -224,7 +224,7 @@ def _no_winner_reason(cands: Sequence[Mapping[str, Any]], passed: Sequence[Mappi
         return "no candidate measured the objective in the confirmation round"
     _, e = max(scored, key=lambda t: t[0])
     phases = _phases(e, n)
-    rounds = min((est or {}).get("rounds", 0) for est in phases.values() if est)
+    rounds = max((est or {}).get("rounds", 0) for c in passed for est in _phases(c, n).values() if est)
     closest = f"closest: {_label(e)} " + ", ".join(
         f"{p} {fmt_interval(est)} {est['verdict']}" for p, est in phases.items() if est)
     if rounds < rule.min_rounds:

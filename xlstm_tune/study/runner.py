@@ -496,6 +496,7 @@ class StudyRun:
             if n in self.run_ids:
                 rec["mlflow_run_id"] = self.run_ids[n]
             rec.pop("traceback", None)
+            rec["sampled_params"] = rec.pop("params", None)  # the sampler's raw values; the knob columns ran
             rows.append(rec)
         self.files.write_summary_csv(rows)
 
