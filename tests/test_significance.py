@@ -304,7 +304,8 @@ def test_worker_pairs_each_candidate_with_the_default_measured_right_before_it(t
     pooled_d = reply["configs"]["D"]["prefill"]["16"]
     assert [s for p in pairs for s in p["default"]["prefill"]["16"]] == pooled_d
     for key in ("A", "B"):
-        assert [s for p in pairs if p["key"] == key for s in p["candidate"]["decode"]] == reply["configs"][key]["decode"]
+        pooled = [s for p in pairs if p["key"] == key for s in p["candidate"]["decode"]]
+        assert pooled == reply["configs"][key]["decode"]
     assert all(len(p["candidate"]["prefill"]["32"]) == 2 and len(p["default"]["decode"]) == 2 for p in pairs)
     summary = confirm.summarize_round(reply, {"key": "D", "knobs": DEFAULT_KNOBS}, configs[1:], [16, 32])
     assert summary["paired_rounds"] == 2

@@ -52,7 +52,8 @@ class Rule:
     def from_mapping(cls, m: Mapping[str, Any] | None) -> Rule:
         m = m or {}
         d = cls()
-        return cls(confidence=float(m.get("confidence", d.confidence)), max_trade=float(m.get("max_trade", d.max_trade)),
+        return cls(confidence=float(m.get("confidence", d.confidence)),
+                   max_trade=float(m.get("max_trade", d.max_trade)),
                    min_rounds=int(m.get("min_rounds", d.min_rounds)))
 
     def to_dict(self) -> dict[str, Any]:
