@@ -164,14 +164,15 @@ def test_fused_step_matches_plain_step_in_float32(kernels, seed, batch):
     _, state = m(ids)
     plain_state = [tuple(t.clone() for t in b) for b in state]
     token = ids[:, -1:]
-    fused = _advance(FusedDecodeStep(m.net, kernels), token, state, 4)  # state advanced in place
+    steps = 4 if batch == 1 else 2  # the interpreter's time grows with the rows
+    fused = _advance(FusedDecodeStep(m.net, kernels), token, state, steps)  # state advanced in place
 
     @torch.inference_mode()
     def plain(tok, _):
         nonlocal plain_state
         logits, plain_state = m.net.decode_step(tok, plain_state)
         return logits
-    want = _advance(plain, token, None, 4)
+    want = _advance(plain, token, None, steps)
     for step, (a, b) in enumerate(zip(fused, want)):
         for r in range(batch):
             assert rel_err(a[r], b[r]) < TOL, f"step {step} row {r} seed={seed}"
