@@ -35,7 +35,7 @@ from typing import Any, TextIO
 from urllib.parse import urlparse
 
 from xlstm_tune import __version__
-from xlstm_tune.errors import UserError
+from xlstm_tune.errors import UserError, storage_fault
 from xlstm_tune.runtime.best_file import write_json_atomic
 from xlstm_tune.study import confirm as confirm_mod
 from xlstm_tune.study.export import confirm_path, read_confirm
@@ -464,6 +464,8 @@ class StudyRun:
             if best:
                 self.tracker.log_parent_metrics(best, step=rec["number"])
         except Exception as exc:  # the study's own record is safe; MLflow is filled in on the next run
+            if storage_fault(exc):
+                raise  # a full or read-only disk: stop the study (the CLI says so in one line)
             if not self._mlflow_warned:
                 self.err.write(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); "
                                f"the trial is recorded in trials.jsonl and will be logged on the next run\n")
@@ -947,6 +949,8 @@ class StudyRun:
                                 self.files.best_path, confirm_path(self.files)) if p.is_file()]
             self.tracker.log_parent_artifacts(arts)
         except Exception as exc:  # noqa: BLE001
+            if storage_fault(exc):
+                raise
             self.err.write(f"warning: MLflow parent run update failed: {exc}\n")
 
     def _plots_and_report(self, contexts: list[dict[str, Any]]) -> None:
@@ -959,6 +963,8 @@ class StudyRun:
             if outcome.notes:
                 self.notes.extend(n for n in outcome.notes if not n.startswith("MLflow:"))
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not cost the measured study
+            if storage_fault(exc):
+                raise
             self.err.write(f"warning: plots/report not written: {exc}\n")
 
     def _render(self, contexts: list[dict[str, Any]], data: Mapping[str, Any] | None) -> str:

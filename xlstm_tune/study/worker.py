@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from xlstm_tune.atomic_files import write_text_atomic
 from xlstm_tune.errors import UserError
 from xlstm_tune.study.faults import classify_exception, describe_signal
 
@@ -340,7 +341,7 @@ class _Session:
         outputs: dict[str, str] = {}
         if report.decode is not None:
             text_path = self.outputs / f"trial_{number}.txt"
-            text_path.write_text(self.model.decode(report.decode.tokens), encoding="utf-8")
+            write_text_atomic(text_path, self.model.decode(report.decode.tokens))
             csv_path = write_decode_csv(self.outputs / f"trial_{number}_decode.csv", report.decode.steps)
             outputs = {"continuation": str(text_path), "decode_csv": str(csv_path)}
         quality = self._quality(report.decode.tokens) if report.decode is not None else {}
