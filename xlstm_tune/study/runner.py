@@ -324,7 +324,7 @@ class StudyRun:
         import optuna
 
         from xlstm_tune.study.samplers import make_sampler
-        from xlstm_tune.tracking.mlflow_log import StudyTracker, default_artifact_root
+        from xlstm_tune.tracking.mlflow_log import StudyTracker, comparison_columns, default_artifact_root
 
         self.files.ensure_dirs()
         sampler = make_sampler(self.sampler_name, seed=self.spec.study["seed"], n_objectives=len(self.objectives),
@@ -358,6 +358,8 @@ class StudyRun:
                       "sampler": self.sampler_name, "device": self.caps.get("device", ""),
                       "model": self.spec.model["name"], "replay": str(self.src is not None).lower(),
                       "mlflow.note.content": f"xlstm_tune study {self.name}: {self.spec.source}"})
+            self.comparison_route = self.tracker.save_comparison_view(
+                *comparison_columns(self.spec.context_lens, list(self.space.dims)))
         except UserError:
             raise
         except Exception as exc:
@@ -458,7 +460,8 @@ class StudyRun:
         try:
             run_id = self.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
                                             artifacts=artifacts,
-                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED")
+                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED",
+                                            started_at=rec.get("started_at"), finished_at=rec.get("finished_at"))
             self.run_ids[rec["number"]] = run_id
             best = self._best_so_far()
             if best:
@@ -977,6 +980,10 @@ class StudyRun:
             "",
             f"Compare runs:   python -m xlstm_tune ui --out-dir {self.out_dir}" + (
                 f" --tracking-uri {self.opts.tracking_uri}" if self.opts.tracking_uri else ""),
+        ]
+        if getattr(self, "comparison_route", None):
+            hints.append(f"                then open http://127.0.0.1:5000/{self.comparison_route} (the trials side by side)")
+        hints += [
             f"Study history:  python -m xlstm_tune dashboard --out-dir {self.out_dir}" + (
                 f" --storage {self.opts.storage}" if self.opts.storage else ""),
         ]
