@@ -89,6 +89,9 @@ class StudyOptions:
     objectives: list[str] | None = None
     progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
     argv: list[str] | None = None
+    devices: list[str] | None = None  # one trial worker process per entry (study.fleet)
+    ray_address: str | None = None  # trial workers on a Ray cluster (study.fleet)
+    trials_only: bool = False  # a fleet worker: run trials, leave confirmation and wrap-up to the launcher
 
 
 @dataclass
@@ -324,7 +327,7 @@ class StudyRun:
         import optuna
 
         from xlstm_tune.study.samplers import make_sampler
-        from xlstm_tune.tracking.mlflow_log import StudyTracker, default_artifact_root
+        from xlstm_tune.tracking.mlflow_log import StudyTracker, comparison_columns, default_artifact_root
 
         self.files.ensure_dirs()
         sampler = make_sampler(self.sampler_name, seed=self.spec.study["seed"], n_objectives=len(self.objectives),
@@ -358,6 +361,8 @@ class StudyRun:
                       "sampler": self.sampler_name, "device": self.caps.get("device", ""),
                       "model": self.spec.model["name"], "replay": str(self.src is not None).lower(),
                       "mlflow.note.content": f"xlstm_tune study {self.name}: {self.spec.source}"})
+            self.comparison_route = self.tracker.save_comparison_view(
+                *comparison_columns(self.spec.context_lens, list(self.space.dims)))
         except UserError:
             raise
         except Exception as exc:
@@ -458,7 +463,8 @@ class StudyRun:
         try:
             run_id = self.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
                                             artifacts=artifacts,
-                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED")
+                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED",
+                                            started_at=rec.get("started_at"), finished_at=rec.get("finished_at"))
             self.run_ids[rec["number"]] = run_id
             best = self._best_so_far()
             if best:
@@ -526,6 +532,8 @@ class StudyRun:
         on_file = dict(self.records)
         for t in self.study.get_trials(deepcopy=False):
             rec = on_file.get(t.number)
+            if t.state == TrialState.RUNNING and self.opts.trials_only:
+                continue  # another worker's trial; the launcher reconciles what dead workers left
             if t.state == TrialState.RUNNING:
                 trial = optuna.trial.Trial(self.study, t._trial_id)
                 if rec is not None and rec.get("state") in ("COMPLETE", "FAIL", "PRUNED"):
@@ -600,7 +608,7 @@ class StudyRun:
                                  "requeued_from": trial.user_attrs.get("requeued_from"),
                                  "is_default": None,
                                  "baseline": True if trial.user_attrs.get("baseline") else None,
-                                 "started_at": _now()}
+                                 "started_at": _now(), **_ran_by()}
         common = dict(params=params, compile=self.spec.model["compile"], objectives=self.objectives,
                       context_lens=self.spec.context_lens)
         reason = self.space.check(raw)
@@ -692,7 +700,7 @@ class StudyRun:
                     break
                 rec = self._run_trial()
                 if rec["state"] == "COMPLETE":
-                    completed += 1
+                    completed = self._completed()  # the study's total: other processes may share it
                     unrunnable = 0
                 elif rec["state"] == "PRUNED":
                     unrunnable += 1
@@ -882,7 +890,19 @@ class StudyRun:
                                       "confirmation round only")
                 for params in self.enqueued:  # a fresh study only: a resumed one has them in its storage
                     self.study.enqueue_trial(params, user_attrs={"enqueued": True})
+            if self.opts.devices or self.opts.ray_address:
+                from xlstm_tune.study.fleet import run_fleet
+
+                self.fleet_report = run_fleet(self)
+                before = len(self.records)
+                self._reconcile()  # the workers' trials, and whatever a dead worker left RUNNING
+                self.new_trials += len(self.records) - before
             self._loop()
+            if self.opts.trials_only:
+                self._final_files()
+                self._write_meta()
+                return StudyResult(self.name, self._completed(), [self.records[n] for n in sorted(self.records)],
+                                   [], self.paths(), None, self.new_trials, "")
             data = self._confirm()
             contexts = list(data["contexts"]) if data else []
             best_path = None
@@ -910,7 +930,8 @@ class StudyRun:
             try:
                 self.evaluator.close()
             finally:
-                if self.tracker is not None and self.tracker.parent_run_id is not None:
+                if self.tracker is not None and self.tracker.parent_run_id is not None \
+                        and not self.opts.trials_only:  # a fleet's parent run is the launcher's to end
                     try:
                         self.tracker.end_parent(status)
                     except Exception:  # noqa: BLE001
@@ -983,6 +1004,10 @@ class StudyRun:
             "",
             f"Compare runs:   python -m xlstm_tune ui --out-dir {self.out_dir}" + (
                 f" --tracking-uri {self.opts.tracking_uri}" if self.opts.tracking_uri else ""),
+        ]
+        if getattr(self, "comparison_route", None):
+            hints.append(f"                then open http://127.0.0.1:5000/{self.comparison_route} (the trials side by side)")
+        hints += [
             f"Study history:  python -m xlstm_tune dashboard --out-dir {self.out_dir}" + (
                 f" --storage {self.opts.storage}" if self.opts.storage else ""),
         ]
@@ -1026,6 +1051,12 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
             if a.get(k) != b.get(k):
                 return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
     return f"{path}: was {a!r}, now {b!r}"
+
+
+def _ran_by() -> dict[str, Any]:
+    """Which process ran a trial: host, pid and (in a fleet) the worker's label, for the record."""
+    return {"study_host": socket.gethostname(), "study_pid": os.getpid(),
+            "fleet_worker": os.environ.get("XLSTM_TUNE_FLEET_WORKER") or None}
 
 
 def _now() -> str:
