@@ -394,7 +394,7 @@ def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
 
 
 def fused_decode_kernels(device: str | torch.device) -> ModuleType | None:
-    """The fused batch-1 decode kernels (`kernels.decode_triton`) for this device, or None.
+    """The fused decode kernels (batch 1..16) (`kernels.decode_triton`) for this device, or None.
 
     CUDA with Triton gets them (`decode_mode=graph` captures a step built on them);
     XLSTM_FUSED_DECODE=0 turns them off (A/B measurements, debugging).

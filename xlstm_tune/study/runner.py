@@ -384,6 +384,7 @@ class StudyRun:
             "compile": s.model["compile"], "model_seed": s.model["seed"],
             "context_lens": s.context_lens, "new_tokens": s.workload["new_tokens"],
             "decode_context_len": s.workload["decode_context_len"],
+            "batch_size": s.workload["batch_size"],
             "prompt_text": self.prompt.text, "prompt_origin": self.prompt.origin, "prompt_seed": self.prompt.seed,
             "bench": dict(s.bench),
             "fidelity": {"rel_tol": s.rel_tol(), "min_greedy_agreement": s.fidelity["min_greedy_agreement"],

@@ -9,7 +9,7 @@ Sections (every key optional except where noted; see docs/STUDY.md and experimen
 
     [study]     name, n_trials, sampler, seed, timeout_s, objectives
     [model]     name, device, dtype, compile, seed
-    [workload]  context_lens, new_tokens, decode_context_len, prompt, prompt_file, prompt_seed
+    [workload]  context_lens, new_tokens, decode_context_len, batch_size, prompt, prompt_file, prompt_seed
     [bench]     warmup, repeats, max_cv, max_rounds
     [fidelity]  rel_tol, min_greedy_agreement, prompt_len, decode_steps
     [trial]     timeout_s, worker_start_timeout_s
@@ -54,7 +54,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
               "enqueue": []},
     "model": {"name": "tiny", "device": "auto", "dtype": "float32", "compile": True, "seed": 0},
     "workload": {"context_lens": [512, 2048], "new_tokens": 32, "decode_context_len": None, "prompt": None,
-                 "prompt_file": None, "prompt_seed": 0},
+                 "prompt_file": None, "prompt_seed": 0,
+                 "batch_size": 1},  # sequences decoded together (decode_tok_s counts batch_size x tokens)
     "bench": {"warmup": 1, "repeats": 5, "max_cv": 0.10, "max_rounds": 3},
     "fidelity": {"rel_tol": None, "min_greedy_agreement": None, "prompt_len": 256, "decode_steps": 8},
     "trial": {"timeout_s": 600.0, "worker_start_timeout_s": 600.0},
@@ -168,6 +169,8 @@ class ExperimentSpec:
         study; the model, device, workload, measuring, fidelity, objectives and search space may not.
         """
         d = self.to_dict()
+        if d["workload"].get("batch_size") == 1:  # studies from before batch_size existed decoded one sequence
+            del d["workload"]["batch_size"]
         return {
             "model": d["model"], "workload": d["workload"], "bench": d["bench"], "fidelity": d["fidelity"],
             "objectives": d["study"]["objectives"], "space": d["space"], "fixed": d["fixed"],
@@ -422,6 +425,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     _int(source, "[workload] new_tokens", workload["new_tokens"], 1)
     _int(source, "[workload] decode_context_len", workload["decode_context_len"], 1, allow_none=True)
     _int(source, "[workload] prompt_seed", workload["prompt_seed"], 0)
+    _int(source, "[workload] batch_size", workload["batch_size"], 1)
     for key in ("prompt", "prompt_file"):
         if workload[key] is not None and (not isinstance(workload[key], str) or not workload[key].strip()):
             raise _err(source, f"[workload] {key} must be a non-empty string (or left out)")

@@ -247,6 +247,7 @@ class _Session:
         self.lengths = list(setup["context_lens"])
         self.new_tokens = int(setup["new_tokens"])
         self.decode_len = setup.get("decode_context_len") or min(self.lengths)
+        self.batch_size = int(setup.get("batch_size", 1))
         self.prompts: dict[int | None, Any] = {n: prompt_ids(self.model, n, self.source)
                                                for n in set(self.lengths) | {self.decode_len}}
         fid = setup["fidelity"]
@@ -337,7 +338,7 @@ class _Session:
                 inject(msg["fault"], device=self.device, busy_work=lambda: self.model(ids))
             report = run_benchmark(self.model, self.lengths, self.source, self.new_tokens, self.settings,
                                    decode_context_len=self.decode_len, model_info=self.model_info,
-                                   prompts=self.prompts)
+                                   prompts=self.prompts, batch_size=self.batch_size)
         outputs: dict[str, str] = {}
         if report.decode is not None:
             text_path = self.outputs / f"trial_{number}.txt"
@@ -386,7 +387,7 @@ class _Session:
                         res["fidelity"] = self._fidelity()
                     rep = run_benchmark(self.model, self.lengths, self.source, self.new_tokens, settings,
                                         decode_context_len=self.decode_len, model_info=self.model_info,
-                                        prompts=self.prompts, record_steps=False)
+                                        prompts=self.prompts, record_steps=False, batch_size=self.batch_size)
                 except Exception as exc:  # one candidate's failure must not lose the others
                     res["error"] = _error_reply(exc)
                     continue
