@@ -505,6 +505,7 @@ class StudyRun:
             if n in self.run_ids:
                 rec["mlflow_run_id"] = self.run_ids[n]
             rec.pop("traceback", None)
+            rec["sampled_params"] = rec.pop("params", None)  # the sampler's raw values; the knob columns ran
             rows.append(rec)
         self.files.write_summary_csv(rows)
 
@@ -731,12 +732,12 @@ class StudyRun:
         cands = confirm_mod.select_candidates(records, confirm_mod.criteria(self.objectives, lens), c["top_k"],
                                               c["max_candidates"], default["key"])
         replay = self.src is not None
-        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"]) + f";mode={mode};replay={replay}"
+        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"], rule=c) + f";mode={mode};replay={replay}"
         existing = read_confirm(self.files)
         if existing is not None and existing.get("signature") == sig:
             return existing
         if replay:
-            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens)
+            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens, rule=c)
         else:
             configs = [{"key": e["key"], "knobs": e["knobs"]} for e in [default, *cands]]
             self.err.write(f"Confirmation round: {len(cands)} candidate(s) against the default, "
@@ -751,7 +752,7 @@ class StudyRun:
                     self.notes.append(f"confirmation round attempt {attempt} failed ({f.reason}: {f.message})")
             if raw is None:
                 return None
-            summary = confirm_mod.summarize_round(raw, default, cands, lens)
+            summary = confirm_mod.summarize_round(raw, default, cands, lens, rule=c)
         base = summary["configs"][0]
         if mode == "balanced" and (base.get("error") or not base.get("decode")):
             mode = "prefill"
@@ -990,7 +991,7 @@ class StudyRun:
             self.err.write(f"warning: plots/report not written: {exc}\n")
 
     def _render(self, contexts: list[dict[str, Any]], data: Mapping[str, Any] | None) -> str:
-        default = dict(data["summary"]["configs"][0], knobs=self.space.default_knobs()) if data else None
+        default = data["summary"]["configs"][0] if data else None  # its knobs are the canonical ones
         if data is None:
             note = None
         elif data.get("replay"):
@@ -1021,6 +1022,7 @@ class StudyRun:
             "records": [self.records[n] for n in sorted(self.records)],
             "contexts": contexts,
             "default": default,
+            "confirmation": data["summary"] if data else None,
             "confirm_note": note,
             "no_best_reason": reason,
             "notes": self.notes,
