@@ -13,7 +13,7 @@ Sections (every key optional except where noted; see docs/STUDY.md and experimen
     [bench]     warmup, repeats, max_cv, max_rounds
     [fidelity]  rel_tol, min_greedy_agreement, prompt_len, decode_steps
     [trial]     timeout_s, worker_start_timeout_s
-    [confirm]   top_k, rounds, repeats, max_candidates
+    [confirm]   top_k, rounds, repeats, max_candidates, confidence, max_trade, min_rounds
     [sampler]   n_startup_trials, population_size (sampler-specific tuning)
     [space]     knob = [choices] or knob = {low, high, step, log}
     [fixed]     knob = value   (knobs not searched; default: the runtime's built-in defaults)
@@ -59,7 +59,10 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     "bench": {"warmup": 1, "repeats": 5, "max_cv": 0.10, "max_rounds": 3},
     "fidelity": {"rel_tol": None, "min_greedy_agreement": None, "prompt_len": 256, "decode_steps": 8},
     "trial": {"timeout_s": 600.0, "worker_start_timeout_s": 600.0},
-    "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6},
+    # A winner must beat the default with `confidence` (bootstrap interval of the paired per-round ratios)
+    # and lose at most `max_trade` (a fraction) of the other phase; see study/significance.py.
+    "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6, "confidence": 0.95,
+                "max_trade": 0.0, "min_rounds": 3},
     "sampler": {"n_startup_trials": None, "population_size": None},
     # Every trial's continuation is scored (text metrics, perplexity under the canonical path) and judged:
     # `builtin` is an offline heuristic; `ollama` / `openai` call an LLM judge at judge_url; `none` skips it.
@@ -463,8 +466,15 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     # [trial], [confirm], [sampler]
     trial["timeout_s"] = _num(source, "[trial] timeout_s", trial["timeout_s"])
     trial["worker_start_timeout_s"] = _num(source, "[trial] worker_start_timeout_s", trial["worker_start_timeout_s"])
-    for key, low in (("top_k", 0), ("rounds", 1), ("repeats", 1), ("max_candidates", 1)):
+    for key, low in (("top_k", 0), ("rounds", 1), ("repeats", 1), ("max_candidates", 1), ("min_rounds", 2)):
         _int(source, f"[confirm] {key}", confirm[key], low)
+    confirm["confidence"] = _num(source, "[confirm] confidence", confirm["confidence"])
+    if not 0.5 <= confirm["confidence"] < 1.0:
+        raise _err(source, f"[confirm] confidence must be in 0.5..1 (e.g. 0.95), got {confirm['confidence']}")
+    confirm["max_trade"] = _num(source, "[confirm] max_trade", confirm["max_trade"], positive=False)
+    if not 0.0 <= confirm["max_trade"] < 1.0:
+        raise _err(source, f"[confirm] max_trade is the fraction of a phase a winner may lose, in 0..1 "
+                           f"(e.g. 0.05), got {confirm['max_trade']}")
     _int(source, "[sampler] n_startup_trials", sampler["n_startup_trials"], 0, allow_none=True)
     _int(source, "[sampler] population_size", sampler["population_size"], 2, allow_none=True)
 
