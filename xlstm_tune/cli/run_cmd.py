@@ -94,7 +94,7 @@ class StatsLog:
 def run(args: argparse.Namespace) -> int:
     args.new_tokens = 64 if args.new_tokens is None else args.new_tokens
     if args.new_tokens < 1:
-        raise UserError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+        raise UserError(f"--new-tokens/--max-new-tokens must be >= 1, got {args.new_tokens}")
     if args.context_len is not None and args.context_len < 1:
         raise UserError(f"--context-len must be >= 1, got {args.context_len}")
     from xlstm_tune.bench.workload import describe_model
