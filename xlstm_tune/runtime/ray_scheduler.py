@@ -1,4 +1,4 @@
-"""Ray scheduler: one Ray actor per head band, created once per model and options, reused for every layer.
+"""Ray scheduler: one Ray actor per head band, reused for every layer, and by later runtimes of the process.
 
 A task is one chunk of one band: the scheduler makes one remote call per chunk, and the band's actor keeps
 the band's float32 state between the calls of one cell (the state travels in with the first chunk and
@@ -41,6 +41,9 @@ _LOCK = threading.Lock()
 _PRIVATE_DIR: str | None = None  # temp folder of the private runtime this process started
 _PROBE_S = 5.0  # a cluster's GCS port that does not accept a connection in this time is not there
 _FIX = "pick --backend queued or native"
+# Band actors no runtime holds, per (Ray job, device): a new runtime (new knobs, the next trial) takes
+# these before it starts new processes, which cost seconds each.
+_IDLE: dict[tuple[str, str], list[Any]] = {}
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -91,6 +94,7 @@ def shutdown_private_runtime() -> None:
 
         if _PRIVATE_DIR is None:
             return
+        _IDLE.clear()
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(_PRIVATE_DIR, ignore_errors=True)
@@ -242,10 +246,14 @@ class RayScheduler:
             if not self.ray.cluster_resources().get("GPU"):
                 raise DeviceUnavailableError("the ray backend on CUDA needs Ray to see the GPU; start Ray with GPUs or use --backend queued")
         self._remote = self.ray.remote(num_cpus=0, num_gpus=gpu_share)(_BandWorker)
+        self._pool_key = (self.ray.get_runtime_context().get_job_id(), str(device))
 
     def _ensure_actors(self, n: int) -> None:
-        while len(self.actors) < n:  # created once, grown only when a call needs more bands
-            self.actors.append(self._remote.remote(str(self.device)))
+        while len(self.actors) < n:  # taken once, grown only when a call needs more bands
+            with _LOCK:
+                idle = _IDLE.get(self._pool_key)
+                actor = idle.pop() if idle else None
+            self.actors.append(actor if actor is not None else self._remote.remote(str(self.device)))
 
     def run_bands(self, kind: str, bands: list[BandWork], chunks: list[tuple[int, int]], cfg: TileConfig,
                   stats: RunStats) -> None:
@@ -268,9 +276,8 @@ class RayScheduler:
             work.state = _to(state, self.device)
 
     def close(self) -> None:
-        for actor in self.actors:
-            try:
-                self.ray.kill(actor)
-            except Exception:  # the runtime may already be shutting down at exit
-                pass
+        """Hand the actors back for the next runtime (each cell's first chunk loads its own state)."""
+        with _LOCK:
+            if self.ray.is_initialized():
+                _IDLE.setdefault(self._pool_key, []).extend(self.actors)
         self.actors = []

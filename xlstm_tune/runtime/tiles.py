@@ -147,6 +147,7 @@ class RunStats:
     peak_in_flight: int = 0  # most tasks the queued dispatcher had submitted and not yet collected
     stream_tasks: int = 0  # tasks issued on a side device stream (queued with streams > 0)
     ray_remote_calls: int = 0  # actor method calls the Ray scheduler made
+    decode_paths: Counter = field(default_factory=Counter)  # one-token decode steps run, by decode path
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     _COUNTS = ("tasks_dispatched", "compiled_calls", "eager_calls", "tokens_prefilled", "chunks_run",
@@ -161,6 +162,11 @@ class RunStats:
                 self.compiled_calls += calls
             else:
                 self.eager_calls += calls
+
+    def decoded(self, path: str) -> None:
+        """One decode step ran on `path` (eager, compiled, graph:fused, graph:step)."""
+        with self._lock:
+            self.decode_paths[path] += 1
 
     def count(self, **increments: int) -> None:
         """Add to integer counters, e.g. count(chunks_run=1)."""
@@ -186,6 +192,7 @@ class RunStats:
         """Add another RunStats' `as_dict()` (e.g. counted inside a Ray actor) into this one."""
         with self._lock:
             self.kernel_paths.update(other["kernel_paths"])
+            self.decode_paths.update(other["decode_paths"])
             for key in self._COUNTS:
                 setattr(self, key, getattr(self, key) + other[key])
             for key in self._SETS:
@@ -195,6 +202,7 @@ class RunStats:
     def reset(self) -> None:
         with self._lock:
             self.kernel_paths.clear()
+            self.decode_paths.clear()
             for key in self._COUNTS:
                 setattr(self, key, 0)
             for key in self._SETS:
@@ -207,6 +215,7 @@ class RunStats:
             out.update({key: getattr(self, key) for key in self._COUNTS})
             out.update({key: sorted(getattr(self, key)) for key in self._SETS})
             out["peak_in_flight"] = self.peak_in_flight
+            out["decode_paths"] = dict(self.decode_paths)
             return out
 
 
