@@ -73,21 +73,6 @@ def model():
     m.close()
 
 
-@pytest.fixture(scope="module")
-def private_ray(tmp_path_factory):
-    """The ray backend's private runtime, with Ray's temp folder pointed at an empty one of ours, so
-    that nothing another process runs on this machine can be found; shut down at teardown."""
-    pytest.importorskip("ray")
-    from xlstm_tune.runtime.ray_scheduler import shutdown_private_runtime
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-        mp.setenv("XLSTM_RAY_LOCAL_MODE", "1")
-        mp.delenv("RAY_ADDRESS", raising=False)
-        yield
-        shutdown_private_runtime()
-
-
 def _run(model, knobs: dict, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     model.runtime = RuntimeOptions(compile=False, **knobs)
     model.stats.reset()

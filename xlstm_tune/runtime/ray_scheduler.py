@@ -86,6 +86,13 @@ def _single_machine_mode() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # ... and this, in case it was imported already
 
 
+def _short_temp_root() -> str:
+    """The temp folder, unless its path is too long for the sockets Ray puts under it (107 bytes with
+    ~70 of Ray's own): then /tmp."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= 30 or not os.path.isdir("/tmp") else "/tmp"
+
+
 def shutdown_private_runtime() -> None:
     """Stop the private runtime this process started (if any) and remove its folder."""
     global _PRIVATE_DIR
@@ -185,7 +192,7 @@ def ensure_ray() -> Any:
             return ray
         autoshutdown = _flag("XLSTM_RAY_AUTOSHUTDOWN", True)
         _single_machine_mode()
-        folder = tempfile.mkdtemp(prefix="xlstm-ray-")  # short: Ray's socket paths must fit 107 bytes
+        folder = tempfile.mkdtemp(prefix="xlstm-ray-", dir=_short_temp_root())
         try:
             _init(ray, "a private local runtime", address="local", _node_ip_address="127.0.0.1", _temp_dir=folder)
         except UserError:

@@ -53,11 +53,29 @@ class CompileGate:
         self._running = 0
         self._compiling = False
         self._compiles_waiting = 0
+        self._warm_waiting = 0
+
+    def _snapshot(self) -> dict[str, int]:
+        return {"running": self._running, "compiling": int(self._compiling),
+                "compiles_waiting": self._compiles_waiting, "warm_waiting": self._warm_waiting}
+
+    def state(self) -> dict[str, int]:
+        """Calls inside and queued at the gate: running, compiling (0/1), compiles_waiting, warm_waiting."""
+        with self._cond:
+            return self._snapshot()
+
+    def wait_until(self, predicate: Callable[[dict[str, int]], bool], timeout: float) -> bool:
+        """Block until `predicate(state())` holds (True) or `timeout` seconds pass (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self._snapshot()), timeout)
 
     @contextlib.contextmanager
     def warm_call(self) -> Iterator[None]:
         with self._cond:
+            self._warm_waiting += 1
+            self._cond.notify_all()
             self._cond.wait_for(lambda: not self._compiling and not self._compiles_waiting)
+            self._warm_waiting -= 1
             self._running += 1
         try:
             yield
@@ -70,6 +88,7 @@ class CompileGate:
     def compiling(self) -> Iterator[None]:
         with self._cond:
             self._compiles_waiting += 1
+            self._cond.notify_all()
             self._cond.wait_for(lambda: not self._compiling and self._running == 0)
             self._compiles_waiting -= 1
             self._compiling = True
