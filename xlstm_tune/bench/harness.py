@@ -108,24 +108,35 @@ def check_prompt(n_tokens: int, options: Any) -> list[str]:
     return flags
 
 
+def _check_lengths(knob: str, size: int, lengths: set[int], what: str) -> None:
+    """Measured piece lengths fit a knob of `size`: none longer, and a shorter one only as a ragged tail
+    (so with more than one length, `size` itself must be among them)."""
+    if lengths and (max(lengths) > size or (len(lengths) > 1 and size not in lengths)):
+        raise PathMismatchError(f"{knob}={size} asked for, but {what} of {sorted(lengths)} steps ran")
+
+
 def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True, has_slstm: bool = False) -> None:
-    """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for."""
+    """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for.
+
+    Everything checked was counted where the work happened (runtime.tiles.RunStats), not read back from
+    the options: kernel paths, lengths of the chunks and step-blocks that ran, band widths, and for the
+    step-tile backends one task per chunk of one band.
+    """
     ran = set(stats.get("kernel_paths") or {})
     want = expected_kernel_paths(options, has_mlstm=has_mlstm, has_slstm=has_slstm)
     if ran != want:
         raise PathMismatchError(
             f"backend={options.backend} compile={options.compile} should run {sorted(want)} but ran {sorted(ran)}"
         )
-    sizes = set(stats.get("chunk_sizes") or [])
-    if sizes and sizes != {options.chunk_size}:
-        raise PathMismatchError(f"chunk_size={options.chunk_size} asked for, but chunks of {sorted(sizes)} ran")
-    uses_steps = options.backend != "native" or has_slstm
-    t_inner = set(stats.get("t_inner") or [])
-    if uses_steps and t_inner and t_inner != {options.t_inner}:
-        raise PathMismatchError(f"t_inner={options.t_inner} asked for, but step-blocks of {sorted(t_inner)} ran")
+    _check_lengths("chunk_size", options.chunk_size, set(stats.get("chunk_lengths") or []), "chunks")
+    if options.backend != "native" or has_slstm:
+        _check_lengths("t_inner", options.t_inner, set(stats.get("step_block_lengths") or []), "step-blocks")
     widths = set(stats.get("band_widths") or [])
     if options.backend != "native" and widths and max(widths) > options.heads_per_band:
         raise PathMismatchError(f"heads_per_band={options.heads_per_band} asked for, but bands of {sorted(widths)} ran")
+    if options.backend != "native" and stats.get("tasks_dispatched", 0) != stats.get("chunks_run", 0):
+        raise PathMismatchError(f"backend={options.backend} should dispatch one task per chunk of one band, but "
+                                f"{stats.get('tasks_dispatched')} tasks ran {stats.get('chunks_run')} chunks")
 
 
 # ---- results ---------------------------------------------------------------------------------------
