@@ -132,11 +132,12 @@ def _rows_dot(x, w, IEEE: tl.constexpr, HALF_MMA: tl.constexpr):
     dot is not usable) give the same sums up to the order of accumulation.
     """
     if IEEE:
-        return tl.dot(x, w, input_precision="ieee")
+        out = tl.dot(x, w, input_precision="ieee")
     elif HALF_MMA:
-        return tl.dot(x.to(w.dtype), w)
+        out = tl.dot(x.to(w.dtype), w)
     else:
-        return tl.dot(x.to(w.dtype).to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        out = tl.dot(x.to(w.dtype).to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return out
 
 
 @triton.autotune(configs=_ROWS_CONFIGS, key=["B", "N", "K", "PROLOGUE", "EPILOGUE", "HAS_BIAS"])
