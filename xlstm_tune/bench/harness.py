@@ -13,6 +13,9 @@ How each figure is made:
   first call minus the steady-state median. Then `warmup` more untimed calls, then `repeats` timed calls.
 * Figures are the median with p20/p80 and the CV of the tok/s samples; when the CV is above `max_cv` the
   measurement is repeated (up to `max_rounds` rounds) and, if still noisy, flagged `cv_high`.
+* The machine's load is recorded for every figure (`bench.load`: CPU time other processes took on our
+  CPUs, load average, GPU clocks/utilisation where readable); a figure taken on a busy machine is
+  measured again (`busy_retries` times at most) and flagged `busy_machine` if the load persists.
 * What ran is recorded (`model.stats`) and checked against what the knobs ask for: a prefill that ran a
   different kernel path than the backend's raises `PathMismatchError` instead of reporting a figure for
   the wrong path. A prompt shorter than `chunk_size` is flagged: the chunk_size knob cannot act on it.
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xlstm_tune.bench.load import DEFAULT_MAX_OTHER_CPU, LoadSample, measure_unloaded
 from xlstm_tune.bench.stats import Summary
 from xlstm_tune.bench.timing import Measurement, measure, throughput, time_first_call
 from xlstm_tune.bench.workload import PromptSource, prompt_ids
@@ -53,17 +57,32 @@ class BenchSettings:
     repeats: int = 5
     max_cv: float = 0.10
     max_rounds: int = 3
+    busy_retries: int = 1
+    max_other_cpu: float = DEFAULT_MAX_OTHER_CPU
 
     def __post_init__(self) -> None:
-        for name, low in (("warmup", 0), ("repeats", 1), ("max_rounds", 1)):
+        for name, low in (("warmup", 0), ("repeats", 1), ("max_rounds", 1), ("busy_retries", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
         if isinstance(self.max_cv, bool) or not isinstance(self.max_cv, (int, float)) or not self.max_cv > 0:
             raise UserError(f"max_cv must be a number > 0 (e.g. 0.1 for 10%), got {self.max_cv!r}")
+        if isinstance(self.max_other_cpu, bool) or not isinstance(self.max_other_cpu, (int, float)) \
+                or not self.max_other_cpu > 0:
+            raise UserError(f"max_other_cpu must be a number > 0 (a fraction of this process's CPUs), "
+                            f"got {self.max_other_cpu!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"warmup": self.warmup, "repeats": self.repeats, "max_cv": self.max_cv, "max_rounds": self.max_rounds}
+        return {"warmup": self.warmup, "repeats": self.repeats, "max_cv": self.max_cv, "max_rounds": self.max_rounds,
+                "busy_retries": self.busy_retries, "max_other_cpu": self.max_other_cpu}
+
+    def measure(self, fn: Callable[[], Any], sync: Callable[[], None], device: Any) -> tuple[Measurement, LoadSample]:
+        """`bench.timing.measure` with these settings, re-measured while the machine is busy."""
+        m, load, _ = measure_unloaded(
+            lambda: measure(fn, sync=sync, warmup=self.warmup, repeats=self.repeats, max_cv=self.max_cv,
+                            max_rounds=self.max_rounds),
+            device=device, max_other_cpu=self.max_other_cpu, retries=self.busy_retries)
+        return m, load
 
 
 # ---- what must run ---------------------------------------------------------------------------------
@@ -89,24 +108,35 @@ def check_prompt(n_tokens: int, options: Any) -> list[str]:
     return flags
 
 
+def _check_lengths(knob: str, size: int, lengths: set[int], what: str) -> None:
+    """Measured piece lengths fit a knob of `size`: none longer, and a shorter one only as a ragged tail
+    (so with more than one length, `size` itself must be among them)."""
+    if lengths and (max(lengths) > size or (len(lengths) > 1 and size not in lengths)):
+        raise PathMismatchError(f"{knob}={size} asked for, but {what} of {sorted(lengths)} steps ran")
+
+
 def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True, has_slstm: bool = False) -> None:
-    """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for."""
+    """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for.
+
+    Everything checked was counted where the work happened (runtime.tiles.RunStats), not read back from
+    the options: kernel paths, lengths of the chunks and step-blocks that ran, band widths, and for the
+    step-tile backends one task per chunk of one band.
+    """
     ran = set(stats.get("kernel_paths") or {})
     want = expected_kernel_paths(options, has_mlstm=has_mlstm, has_slstm=has_slstm)
     if ran != want:
         raise PathMismatchError(
             f"backend={options.backend} compile={options.compile} should run {sorted(want)} but ran {sorted(ran)}"
         )
-    sizes = set(stats.get("chunk_sizes") or [])
-    if sizes and sizes != {options.chunk_size}:
-        raise PathMismatchError(f"chunk_size={options.chunk_size} asked for, but chunks of {sorted(sizes)} ran")
-    uses_steps = options.backend != "native" or has_slstm
-    t_inner = set(stats.get("t_inner") or [])
-    if uses_steps and t_inner and t_inner != {options.t_inner}:
-        raise PathMismatchError(f"t_inner={options.t_inner} asked for, but step-blocks of {sorted(t_inner)} ran")
+    _check_lengths("chunk_size", options.chunk_size, set(stats.get("chunk_lengths") or []), "chunks")
+    if options.backend != "native" or has_slstm:
+        _check_lengths("t_inner", options.t_inner, set(stats.get("step_block_lengths") or []), "step-blocks")
     widths = set(stats.get("band_widths") or [])
     if options.backend != "native" and widths and max(widths) > options.heads_per_band:
         raise PathMismatchError(f"heads_per_band={options.heads_per_band} asked for, but bands of {sorted(widths)} ran")
+    if options.backend != "native" and stats.get("tasks_dispatched", 0) != stats.get("chunks_run", 0):
+        raise PathMismatchError(f"backend={options.backend} should dispatch one task per chunk of one band, but "
+                                f"{stats.get('tasks_dispatched')} tasks ran {stats.get('chunks_run')} chunks")
 
 
 # ---- results ---------------------------------------------------------------------------------------
@@ -121,6 +151,13 @@ class TimedResult:
     rounds: int
     cv_high: bool
 
+    @property
+    def busy(self) -> bool:
+        return bool(getattr(self, "load", {}).get("busy"))
+
+
+BUSY_FLAG = "busy_machine"
+
 
 def _timing(items: int, first: float, m: Measurement) -> dict[str, Any]:
     """TimedResult's fields from a measurement of calls that each process `items` tokens."""
@@ -134,6 +171,7 @@ class PrefillResult(TimedResult):
     tokens: int
     stats: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
+    load: dict[str, Any] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         """Columns `prefill_tok_s_ctx<L>` (+ _p20/_p80/_cv/_n), `prefill_s_ctx<L>`, first-call and compile time."""
@@ -146,6 +184,7 @@ class PrefillResult(TimedResult):
         out["prefill_compile_s" + sfx] = self.compile_s
         out["prefill_rounds" + sfx] = self.rounds
         out["prefill_cv_high" + sfx] = self.cv_high
+        out.update(_load_columns("prefill", sfx, self.load))
         return out
 
 
@@ -157,6 +196,7 @@ class DecodeResult(TimedResult):
     tokens: list[int] = field(default_factory=list)
     path: str = ""  # LanguageModel.decode_path: which step ran
     batch_size: int = 1  # sequences decoded together; tok_s counts batch_size x new_tokens per call
+    load: dict[str, Any] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.tok_s.as_dict("decode_tok_s"))
@@ -164,7 +204,19 @@ class DecodeResult(TimedResult):
                    decode_compile_s=self.compile_s, decode_rounds=self.rounds, decode_cv_high=self.cv_high,
                    decode_new_tokens=self.new_tokens, decode_context_len=self.context_len,
                    decode_batch_size=self.batch_size)
+        out.update(_load_columns("decode", "", self.load))
         return out
+
+
+def _load_columns(phase: str, sfx: str, load: dict[str, Any]) -> dict[str, Any]:
+    """Flat load columns of one figure: `<phase>_busy`, `<phase>_other_cpu_frac`, `<phase>_loadavg`, GPU."""
+    if not load:
+        return {}
+    out = {f"{phase}_busy{sfx}": bool(load.get("busy")), f"{phase}_other_cpu_frac{sfx}": load.get("other_cpu_frac"),
+           f"{phase}_loadavg{sfx}": load.get("loadavg_1m")}
+    for key, value in (load.get("accelerator") or {}).items():
+        out[f"{phase}_{key}{sfx}"] = value
+    return out
 
 
 def _sync(model: Any) -> Callable[[], None]:
@@ -193,12 +245,11 @@ def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: 
 
     model.stats.reset()
     first = time_first_call(call, sync)
-    m = measure(call, sync=sync, warmup=settings.warmup, repeats=settings.repeats,
-                max_cv=settings.max_cv, max_rounds=settings.max_rounds)
+    m, load = settings.measure(call, sync, model.device)
     stats = model.stats.as_dict()
     verify_stats(options, stats, has_mlstm=info.get("has_mlstm", True), has_slstm=info.get("has_slstm", False))
     return PrefillResult(context_len=n_tokens, tokens=int(ids.numel()), **_timing(int(ids.numel()), first, m),
-                         stats=stats, flags=flags)
+                         stats=stats, flags=flags, load=load.as_dict())
 
 
 # ---- decode ----------------------------------------------------------------------------------------
@@ -250,8 +301,7 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
         model.generate(first_token, new_tokens, state=clone_state(state0))
 
     first = time_first_call(call, sync)
-    m = measure(call, sync=sync, warmup=settings.warmup, repeats=settings.repeats,
-                max_cv=settings.max_cv, max_rounds=settings.max_rounds)
+    m, load = settings.measure(call, sync, model.device)
     steps: list[tuple[int, float]] = []
     tokens: list[int] = []
     if record_steps:
@@ -262,6 +312,7 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
     return DecodeResult(
         new_tokens=new_tokens, context_len=int(prompt.shape[-1]), **_timing(new_tokens * batch, first, m),
         steps=decode_step_rows(steps, batch), tokens=tokens, path=getattr(model, "decode_path", ""), batch_size=batch,
+        load=load.as_dict(),
     )
 
 
@@ -329,7 +380,16 @@ class BenchReport:
                 tagged = f"ctx{p.context_len}: {f}"
                 if tagged not in seen:
                     seen.append(tagged)
+            if p.busy:
+                seen.append(f"ctx{p.context_len}: {BUSY_FLAG}")
+        if self.decode is not None and self.decode.busy:
+            seen.append(f"decode: {BUSY_FLAG}")
         return seen
+
+    @property
+    def busy_machine(self) -> bool:
+        """Some figure of this report was taken on a busy machine (after its re-measurements)."""
+        return any(p.busy for p in self.prefill) or (self.decode is not None and self.decode.busy)
 
     def flat(self) -> dict[str, Any]:
         """Flat metrics: per-length columns, the geometric-mean `prefill_tok_s`, decode columns, compile_s."""
@@ -344,6 +404,7 @@ class BenchReport:
             out.update(self.decode.flat())
             compile_s += self.decode.compile_s
         out["compile_s"] = compile_s
+        out[BUSY_FLAG] = self.busy_machine
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -354,7 +415,7 @@ class BenchReport:
             "prefill": [
                 {"context_len": p.context_len, "tok_s": p.tok_s.metric_dict(), "seconds": p.seconds.metric_dict(),
                  "first_call_s": p.first_call_s, "compile_s": p.compile_s, "rounds": p.rounds,
-                 "cv_high": p.cv_high, "stats": p.stats, "flags": p.flags}
+                 "cv_high": p.cv_high, "stats": p.stats, "flags": p.flags, "load": p.load}
                 for p in self.prefill
             ],
             "decode": None if self.decode is None else {
@@ -362,7 +423,7 @@ class BenchReport:
                 "batch_size": self.decode.batch_size, "path": self.decode.path,
                 "tok_s": self.decode.tok_s.metric_dict(), "seconds": self.decode.seconds.metric_dict(),
                 "first_call_s": self.decode.first_call_s, "compile_s": self.decode.compile_s,
-                "rounds": self.decode.rounds, "cv_high": self.decode.cv_high,
+                "rounds": self.decode.rounds, "cv_high": self.decode.cv_high, "load": self.decode.load,
             },
             "flags": self.flags,
             "wall_s": self.wall_s,

@@ -62,7 +62,8 @@ class LanguageModel:
             raise UserError(f"model.runtime must be a RuntimeOptions, got {type(options).__name__}")
         cells = CellRuntime(options, self.device, self.config.num_heads)
         decode = make_decode_step(options.decode_mode, self.net.decode_step, self.device, options.compile,
-                                  in_place_step=self._fused_step() if options.decode_mode == "graph" else None)
+                                  in_place_step=self._fused_step() if options.decode_mode == "graph" else None,
+                                  stats=cells.stats)
         if self._cells is not None:
             self._cells.close()
         self._options, self._cells, self._decode = options, cells, decode

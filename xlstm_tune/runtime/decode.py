@@ -18,6 +18,7 @@ from torch import Tensor
 
 from xlstm_tune.errors import DeviceUnavailableError
 from xlstm_tune.runtime import device as dev
+from xlstm_tune.runtime.tiles import RunStats
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
@@ -37,22 +38,26 @@ def _flatten(state: Any) -> list[Tensor]:
 class EagerStep:
     mode = "eager"
 
-    def __init__(self, step: StepFn, device: torch.device):
+    def __init__(self, step: StepFn, device: torch.device, stats: RunStats | None = None):
         self.step = step
+        self.stats = stats or RunStats()
 
     def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        self.stats.decoded("eager")
         return self.step(token, state)
 
 
 class CompiledStep:
     mode = "compiled"
 
-    def __init__(self, step: StepFn, device: torch.device):
+    def __init__(self, step: StepFn, device: torch.device, stats: RunStats | None = None):
         if not dev.compile_available(device):
             raise DeviceUnavailableError(f"decode_mode=compiled needs torch.compile, which is not usable on {device}: use decode_mode=eager")
         self.step = torch.compile(step, dynamic=False)
+        self.stats = stats or RunStats()
 
     def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        self.stats.decoded("compiled")
         return self.step(token, state)
 
 
@@ -62,7 +67,7 @@ class GraphStep:
     mode = "graph"
 
     def __init__(self, step: StepFn, device: torch.device, compile_step: bool = False,
-                 in_place_step: InPlaceStepFn | None = None):
+                 in_place_step: InPlaceStepFn | None = None, stats: RunStats | None = None):
         if not dev.graphs_available(device):
             raise DeviceUnavailableError(
                 f"decode_mode=graph needs device graphs (CUDA); {device.type} has none: use decode_mode=compiled or eager"
@@ -71,6 +76,7 @@ class GraphStep:
         self.step = torch.compile(step, dynamic=False) if compile_step else step
         self.in_place_step = in_place_step
         self.device = device
+        self.stats = stats or RunStats()
         self.fused = False  # whether the captured graph is the in-place fused step
         self.graph: Any = None
         self.static_token: Tensor | None = None
@@ -102,19 +108,22 @@ class GraphStep:
                 dst.copy_(src)
         self.static_token.copy_(token)
         self.graph.replay()
+        self.stats.decoded("graph:fused" if self.fused else "graph:step")
         return self.static_logits, self.static_state
 
 
 def make_decode_step(mode: str, step: StepFn, device: torch.device, compile_step: bool = True,
-                     in_place_step: InPlaceStepFn | None = None) -> Any:
+                     in_place_step: InPlaceStepFn | None = None, stats: RunStats | None = None) -> Any:
     """`compile_step` (the `compile` option) also compiles the step that `graph` captures;
-    `in_place_step`, if given, is what `graph` captures for the batch sizes it supports."""
+    `in_place_step`, if given, is what `graph` captures for the batch sizes it supports. Each step run is
+    counted in `stats.decode_paths`."""
     if mode == "eager":
-        return EagerStep(step, device)
+        return EagerStep(step, device, stats)
     if mode == "compiled":
-        return CompiledStep(step, device)
+        return CompiledStep(step, device, stats)
     if mode == "graph":
-        return GraphStep(step, device, compile_step=compile_step and dev.compile_available(device), in_place_step=in_place_step)
+        return GraphStep(step, device, compile_step=compile_step and dev.compile_available(device), in_place_step=in_place_step,
+                         stats=stats)
     raise ValueError(mode)
 
 

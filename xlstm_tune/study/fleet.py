@@ -266,6 +266,12 @@ def ray_init(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> Any:
                         f"(ray start --head) or fix --ray-address")
     if "error" in outcome:
         exc = outcome["error"]
+        chain = [exc]
+        while chain[-1].__cause__ is not None and len(chain) < 8:
+            chain.append(chain[-1].__cause__)
+        if any("AuthToken" in str(e) or type(e).__name__ == "AuthenticationError" for e in chain):
+            raise UserError(f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
+                            f"and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"cannot join the Ray cluster at {address} ({type(exc).__name__}: {first}): "
                         f"start it (ray start --head) or fix --ray-address") from None
@@ -375,13 +381,17 @@ def worker_main(argv: Sequence[str], run_study: Callable[["StudyOptions"], Any] 
     from xlstm_tune.study.worker import _exit_with_parent
 
     _exit_with_parent(os.getppid())
+    import torch
+
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and threads.isdigit():
-        import torch
-
         torch.set_num_threads(int(threads))
     try:
         opts = StudyOptions(**json.loads(argv[0]))
+        sys.stderr.write(f"xlstm_tune study worker {os.environ.get(ENV_WORKER, '')}: pid {os.getpid()}, device "
+                         f"{opts.device}, {torch.get_num_threads()} math thread(s), "
+                         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(all)')}\n")
+        sys.stderr.flush()
         (run_study or default_run)(opts)
     except UserError as exc:
         sys.stderr.write(f"xlstm_tune study worker: error: {exc}\n")

@@ -92,6 +92,8 @@ class StudyOptions:
     devices: list[str] | None = None  # one trial worker process per entry (study.fleet)
     ray_address: str | None = None  # trial workers on a Ray cluster (study.fleet)
     trials_only: bool = False  # a fleet worker: run trials, leave confirmation and wrap-up to the launcher
+    config: str | None = None  # runtime configuration file: settings as flags, its knobs measured first
+    runtime: dict[str, Any] = field(default_factory=dict)  # threads, interop_threads, tf32_cell, ... flags
 
 
 @dataclass
@@ -260,7 +262,7 @@ class StudyRun:
             spec, study_name=o.study_name, n_trials=o.n_trials, sampler=o.sampler, seed=o.seed, timeout=o.timeout,
             trial_timeout=o.trial_timeout, model=o.model, device=o.device, dtype=o.dtype, compile=o.compile,
             context_lens=o.context_lens, new_tokens=o.new_tokens, repeats=o.repeats, objectives=o.objectives,
-            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs)
+            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, config=o.config, runtime=o.runtime)
         if self.src is not None and o.study_name is None:
             spec.study["name"] = f"{self.src.study_name}-replay-{spec.study['sampler']}-s{spec.study['seed']}"
         self.name = check_study_name(spec.name)
@@ -387,6 +389,7 @@ class StudyRun:
             "batch_size": s.workload["batch_size"],
             "prompt_text": self.prompt.text, "prompt_origin": self.prompt.origin, "prompt_seed": self.prompt.seed,
             "bench": dict(s.bench),
+            "runtime": dict(s.runtime),
             "fidelity": {"rel_tol": s.rel_tol(), "min_greedy_agreement": s.fidelity["min_greedy_agreement"],
                          "prompt_len": s.fidelity["prompt_len"], "decode_steps": s.fidelity["decode_steps"]},
             "reference_path": str(self.files.root / "reference" / "reference.pt"),
@@ -830,6 +833,7 @@ class StudyRun:
             "model_info": self.model_info,
             "capabilities": self.caps,
             "device_summary": self.device_summary,
+            "runtime": self._runtime_in_force(),
             "prompt": self._prompt_text(),
             "prompt_source": self.prompt.describe(),
             "storage": self.storage_label,
@@ -847,6 +851,23 @@ class StudyRun:
             "sessions": sessions,
         }
         self.files.write_run_meta(meta)
+
+    def _runtime_in_force(self) -> dict[str, Any] | None:
+        """The worker's settings (compile, dtype, threads, CUDA switches) as it measured with them."""
+        info = getattr(self, "evaluator", None) and self.evaluator.info
+        if info and info.get("runtime"):
+            return dict(info["runtime"])
+        return (self.previous_meta or {}).get("runtime")
+
+    def _busy_note(self) -> str | None:
+        """A warning when figures were taken on a busy machine (bench/load.py), else None."""
+        busy = sorted(n for n, r in self.records.items() if r.get("busy_machine"))
+        if not busy:
+            return None
+        return (f"warning: {len(busy)} trial(s) were measured on a busy machine (other processes took more than "
+                f"{self.spec.bench['max_other_cpu']:.0%} of the CPUs after re-measuring): trials {busy[:10]}"
+                f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine, re-run on an idle "
+                f"machine to trust them")
 
     def _prompt_text(self) -> str | None:
         """The text the saved continuations follow (the decode prompt, decoded by the model's tokenizer)."""
@@ -1025,7 +1046,7 @@ class StudyRun:
             "confirmation": data["summary"] if data else None,
             "confirm_note": note,
             "no_best_reason": reason,
-            "notes": self.notes,
+            "notes": self.notes + [n for n in (self._busy_note(),) if n],
             "paths": self.paths(),
             "hints": hints,
         })

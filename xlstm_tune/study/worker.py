@@ -234,8 +234,13 @@ class _Session:
         )
         from xlstm_tune.bench.workload import PromptSource, describe_model, open_model, prompt_ids, where
 
+        from xlstm_tune.runtime.settings import RuntimeSettings
+
         t0 = time.perf_counter()
         self.setup = setup
+        # Threads and kernel switches first: torch fixes its inter-op pool at the first parallel work.
+        self.runtime = {"compile": bool(setup["compile"]), **RuntimeSettings(
+            dtype=setup["dtype"], **setup.get("runtime", {})).apply(setup["device"], setup.get("concurrent", 1))}
         self.watchdog_config = memory_guard("cpu").config  # XLSTM_MEM_* checked once, up front
         self.model_info = describe_model(setup["model"])
         self.compile = bool(setup["compile"])
@@ -279,6 +284,7 @@ class _Session:
             "load_s": time.perf_counter() - t0,
             "reference_s": ref_s,
             "reference_cached": ref_s == 0.0,
+            "runtime": self.runtime,
             "decode_prompt_text": self.model.decode(self.prompts[self.decode_len][0].tolist())[:20000],
         }
 
@@ -349,8 +355,10 @@ class _Session:
         return {
             "type": "result",
             "number": number,
-            "metrics": report.flat(),
+            "metrics": {**report.flat(), "threads": self.runtime["threads"],
+                        "interop_threads": self.runtime["interop_threads"]},
             "fidelity": fidelity,
+            "runtime": self.runtime,
             "stats": {f"ctx{p.context_len}": p.stats for p in report.prefill},
             "flags": report.flags,
             "outputs": outputs,

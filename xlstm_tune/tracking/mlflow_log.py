@@ -122,6 +122,21 @@ def _sqlite_path(uri: str) -> Path | None:
     return None if not db or db == ":memory:" else Path(db)
 
 
+def with_installed_driver(uri: str) -> str:
+    """`postgresql://...` with the PostgreSQL driver that is installed (psycopg 3 if psycopg2 is absent).
+
+    SQLAlchemy reads a bare `postgresql://` as psycopg2; the project depends on psycopg (3).
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        return uri
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    return uri
+
+
 _PREPARED: set[str] = set()
 # Any fixed 64-bit number: the advisory lock that serialises MLflow schema creation on PostgreSQL.
 _PG_SCHEMA_LOCK = 0x786C73746D5F6D6C  # "xlstm_ml"
@@ -245,6 +260,7 @@ class StudyTracker:
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: str | Path | None = None) -> None:
         from mlflow import MlflowClient  # slow import (~1 s): only when tracking is really used
 
+        tracking_uri = with_installed_driver(tracking_uri)
         prepare_store(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
@@ -382,10 +398,19 @@ class StudyTracker:
             run = self.client.create_run(
                 exp_id, tags={k: _tag_value(v) for k, v in all_tags.items()}, run_name=study_name
             )
-            run_id = run.info.run_id
+            run_id = self._one_parent(study_name, run.info.run_id)
             self.parent_run_id = run_id
-            self._log(run_id, params=params or {})
+            self._log(run_id, params=params or {}, existing_params=self.client.get_run(run_id).data.params)
         return run_id
+
+    def _one_parent(self, study_name: str, mine: str) -> str:
+        """Processes that started the study together each created a parent: all keep the oldest."""
+        parents = self._search(f"tags.`{TAG_STUDY}` = {_quote(study_name)} and tags.`{TAG_ROLE}` = 'parent'")
+        oldest = min(parents, key=lambda r: (int(r.info.start_time or 0), r.info.run_id), default=None)
+        if oldest is None or oldest.info.run_id == mine:
+            return mine
+        self.client.delete_run(mine)
+        return oldest.info.run_id
 
     def _require_parent(self) -> str:
         if self.parent_run_id is None:
