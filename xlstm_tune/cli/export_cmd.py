@@ -20,7 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="write a study's best.json (or --check one)",
                               description=__doc__.splitlines()[0])
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--study", default=None, metavar="NAME", help="the study to export")
+    what.add_argument("--study", "--study-name", dest="study", default=None, metavar="NAME",
+                      help="the study to export (--study-name as in plot and judge)")
     what.add_argument("--check", default=None, metavar="PATH", help="validate a best.json and summarise it")
     p.add_argument("--context-len", type=int, default=None, metavar="N",
                    help="export only the entry for this measured context length")
