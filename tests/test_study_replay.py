@@ -190,7 +190,7 @@ def _consistent(out: Path, name: str) -> tuple[list, list]:
                 and r.data.tags.get("xlstm_tune.superseded_by_retry") != "true"]
     assert sorted(int(r.data.tags["xlstm_tune.trial"]) for r in children) == sorted(t.number for t in finished)
     for t, r in zip(sorted(finished, key=lambda t: t.number), sorted(children, key=lambda r: int(r.data.tags["xlstm_tune.trial"]))):
-        assert r.info.status == ("FINISHED" if t.state.name == "COMPLETE" else "FAILED")
+        assert r.info.status == ("FAILED" if t.state.name == "FAIL" else "FINISHED")
         assert r.data.tags["trial_state"] == t.state.name
     parents = [r for r in runs if r.data.tags.get("xlstm_tune.role") == "parent"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"

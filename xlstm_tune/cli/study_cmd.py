@@ -48,6 +48,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--out-dir", default="mlruns", metavar="DIR", help="where results go (default: mlruns)")
     g.add_argument("--replay", default=None, metavar="SOURCE",
                    help="answer trials from a recorded study (trials.jsonl, study dir or name) instead of running the model")
+    g.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop hopeless or slow trials after their first stage (default: [pruning] enabled, on)")
+    g.add_argument("--warm-start", dest="warm_start", action="append", default=None, metavar="STUDY_OR_FILE",
+                   help="seed the study with the Pareto front of an earlier study (a study name under --out-dir, "
+                        "a study directory, a trials.jsonl or a best.json; repeatable) and the shipped configs/ "
+                        "for the device")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live progress bar (default: when stderr is a terminal)")
     add_model_flags(p)
@@ -76,6 +82,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         compile=args.compile, context_lens=prefill_lengths(args) or None, new_tokens=args.new_tokens,
         repeats=args.repeats, prompt=args.prompt, prompt_file=args.prompt_file, knobs=knob_lists(args),
         trial_timeout=args.trial_timeout, objectives=objectives, progress=args.progress, argv=list(sys.argv),
+        early_stopping=args.early_stopping, warm_start=list(args.warm_start or []),
     )
 
 

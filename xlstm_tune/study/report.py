@@ -40,6 +40,11 @@ def counts_line(records: Sequence[Mapping[str, Any]]) -> str:
     return "Trials: " + "; ".join(parts)
 
 
+def time_section(split_lines: Sequence[str]) -> list[str]:
+    """The study's time split (study.timesplit.render_lines), under its own heading."""
+    return ["", "Where the time went:", *split_lines] if split_lines else []
+
+
 def render(summary: Mapping[str, Any]) -> str:
     """Text for stdout. `summary` keys: study, contexts (best.json entries), default, records, paths, notes."""
     lines: list[str] = []
@@ -73,6 +78,7 @@ def render(summary: Mapping[str, Any]) -> str:
     elif summary.get("no_best_reason"):
         lines.append("")
         lines.append(f"No best configuration: {summary['no_best_reason']}")
+    lines += time_section(summary.get("time_split_lines") or [])
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     lines.append("")

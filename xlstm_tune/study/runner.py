@@ -39,6 +39,7 @@ from xlstm_tune.errors import UserError
 from xlstm_tune.runtime.best_file import write_json_atomic
 from xlstm_tune.study import confirm as confirm_mod
 from xlstm_tune.study.export import confirm_path, read_confirm
+from xlstm_tune.study import pruning
 from xlstm_tune.study.faults import faults_from_env
 from xlstm_tune.study.records import (
     build_record,
@@ -56,6 +57,8 @@ from xlstm_tune.study.spec import (
     parse_spec,
 )
 from xlstm_tune.study.storage import StudyLock, check_storage_url, describe_storage, open_storage
+from xlstm_tune.study.timesplit import render_lines as time_split_lines
+from xlstm_tune.study.timesplit import time_split
 from xlstm_tune.study.worker import TrialWorker, WorkerFailure
 
 MAX_UNRUNNABLE_IN_A_ROW = 200  # sampled combinations that could not run (invalid / not recorded) in a row
@@ -88,6 +91,8 @@ class StudyOptions:
     trial_timeout: float | None = None
     objectives: list[str] | None = None
     progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
+    early_stopping: bool | None = None  # None: as [pruning] enabled says
+    warm_start: list[str] = field(default_factory=list)  # earlier studies / files whose front seeds this one
     argv: list[str] | None = None
 
 
@@ -168,7 +173,7 @@ class _Progress:
             if rec.get("duplicate_of") is not None:
                 what += f" (same configuration as #{rec['duplicate_of']})"
         else:
-            what = f"{rec.get('failure_reason')}: {rec.get('error') or ''}"[:160]
+            what = f"{rec.get('failure_reason')}: {rec.get('error') or rec.get('prune_reason') or ''}"[:200]
         self.err.write(f"[trial {rec['number']}] {rec['state']} {what} | {completed} complete | {best}\n")
         self.err.flush()
 
@@ -185,19 +190,35 @@ class WorkerEvaluator:
     def __init__(self, setup: dict[str, Any], log_dir: Path, trial_timeout_s: float, start_timeout_s: float) -> None:
         self.worker = TrialWorker(setup, log_dir, start_timeout_s)
         self.trial_timeout_s = trial_timeout_s
+        self.load_s = 0.0  # model loads of every worker started (the time split's compile/warm-up part)
+        self._starts_seen = 0
 
     @property
     def info(self) -> dict[str, Any] | None:
         return self.worker.info
 
-    def start(self) -> dict[str, Any]:
-        return self.worker.ensure()
+    def _count_load(self) -> None:
+        if self.worker.starts != self._starts_seen and self.worker.info:
+            self._starts_seen = self.worker.starts
+            self.load_s += float(self.worker.info.get("load_s") or 0.0)
 
-    def evaluate(self, number: int, knobs: Mapping[str, Any], fault: str | None = None) -> dict[str, Any]:
-        reply = self.worker.request({"cmd": "trial", "number": number, "knobs": dict(knobs), "fault": fault},
-                                    self.trial_timeout_s, f"trial {number}")
-        reply["state"] = "COMPLETE"
-        return reply
+    def start(self) -> dict[str, Any]:
+        info = self.worker.ensure()
+        self._count_load()
+        return info
+
+    def evaluate(self, number: int, knobs: Mapping[str, Any], fault: str | None = None, *,
+                 prune: Mapping[str, Any] | None = None, time_limit_s: float | None = None,
+                 hard_timeout_s: float | None = None) -> dict[str, Any]:
+        """Measure one trial; `prune`/`time_limit_s` let the worker stop it early (study.pruning)."""
+        try:
+            self.worker.ensure()
+            self._count_load()
+            return self.worker.request({"cmd": "trial", "number": number, "knobs": dict(knobs), "fault": fault,
+                                        "prune": prune, "time_limit_s": time_limit_s},
+                                       hard_timeout_s or self.trial_timeout_s, f"trial {number}")
+        finally:
+            self._count_load()
 
     def confirm(self, configs: list[dict[str, Any]], rounds: int, repeats: int) -> dict[str, Any]:
         timeout = self.trial_timeout_s * max(1, 2 * len(configs)) * rounds
@@ -257,7 +278,7 @@ class StudyRun:
             spec, study_name=o.study_name, n_trials=o.n_trials, sampler=o.sampler, seed=o.seed, timeout=o.timeout,
             trial_timeout=o.trial_timeout, model=o.model, device=o.device, dtype=o.dtype, compile=o.compile,
             context_lens=o.context_lens, new_tokens=o.new_tokens, repeats=o.repeats, objectives=o.objectives,
-            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs)
+            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, early_stopping=o.early_stopping)
         if self.src is not None and o.study_name is None:
             spec.study["name"] = f"{self.src.study_name}-replay-{spec.study['sampler']}-s{spec.study['seed']}"
         self.name = check_study_name(spec.name)
@@ -268,6 +289,11 @@ class StudyRun:
         self.default_key = knob_key(self.space.canonical(self.space.default_knobs()))
         self.enqueued = [self._enqueue_params(n, e) for n, e in enumerate(spec.study["enqueue"], 1)]
         self.notes += self.space.notes
+        from xlstm_tune.study.warm_start import plan_seeds
+
+        self.warm_seeds, warm_notes = plan_seeds(o.warm_start, self.out_dir, spec.objectives, self.space,
+                                                 caps.get("device_type", ""))
+        self.notes += warm_notes
         self.objectives, obj_notes = effective_objectives(spec.objectives, self.space)
         self.notes += obj_notes
         self.sampler_name = spec.study["sampler"]
@@ -283,6 +309,7 @@ class StudyRun:
         _check_tracking_server(self.tracking_uri)
         check_storage_url(o.storage)
         self.faults = faults_from_env()
+        self.rule = pruning.PruneRule.from_spec(spec.pruning)
         self.files = StudyFiles.for_study(self.out_dir, self.name)
         self.identity = {"spec": spec.measurement_identity(), "objectives_effective": self.objectives,
                          "device": caps.get("device"),
@@ -458,7 +485,7 @@ class StudyRun:
         try:
             run_id = self.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
                                             artifacts=artifacts,
-                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED")
+                                            status="FAILED" if rec["state"] == "FAIL" else "FINISHED")
             self.run_ids[rec["number"]] = run_id
             best = self._best_so_far()
             if best:
@@ -575,6 +602,32 @@ class StudyRun:
             error_type="Interrupted", objectives=self.objectives, context_lens=self.spec.context_lens,
         )
 
+    def _enqueue_warm_starts(self) -> None:
+        """Enqueue the --warm-start seeds this study has not tried or queued yet (study.warm_start)."""
+        if not self.warm_seeds:
+            return
+        if self.sampler_name == "grid":
+            self.notes.append("--warm-start is not used with the grid sampler: it measures every configuration")
+            return
+        tried = set()
+        for t in self.study.get_trials(deepcopy=False):
+            params = t.params or t.system_attrs.get("fixed_params") or {}
+            try:
+                tried.add(knob_key(self.space.canonical(self.space.knobs_from_params(params))))
+            except Exception:  # noqa: BLE001 - a partial param set cannot match a seed
+                continue
+        added = 0
+        for params, seed in self.warm_seeds:
+            key = knob_key(self.space.canonical(self.space.knobs_from_params(params)))
+            if key in tried:
+                continue
+            tried.add(key)
+            self.study.enqueue_trial(params, user_attrs={"origin": seed.origin})
+            added += 1
+        if added:
+            self.notes.append(f"warm start: {added} configuration(s) enqueued as the first trials "
+                              f"({', '.join(sorted({s.origin.split(' (')[0] for _, s in self.warm_seeds}))})")
+
     def _requeue(self, t: Any) -> None:
         """Enqueue a trial's params again unless an identical one is already waiting."""
         from optuna.trial import TrialState
@@ -598,6 +651,7 @@ class StudyRun:
                                  "requeued_from": trial.user_attrs.get("requeued_from"),
                                  "is_default": None,
                                  "baseline": True if trial.user_attrs.get("baseline") else None,
+                                 "origin": trial_origin(trial.user_attrs),
                                  "started_at": _now()}
         common = dict(params=params, compile=self.spec.model["compile"], objectives=self.objectives,
                       context_lens=self.spec.context_lens)
@@ -612,6 +666,7 @@ class StudyRun:
         if key == self.default_key:
             extra["is_default"] = True  # the default configuration (quality.report reads this)
         self.progress.running(number, knobs)
+        limits, time_limit, hard_timeout = self._prune_limits()
         t0 = time.perf_counter()
         try:
             if key in self.by_key:
@@ -619,11 +674,19 @@ class StudyRun:
                 outcome: dict[str, Any] | None = _outcome_from_record(src)
                 outcome["duplicate_of"] = src["number"]  # type: ignore[index]
             else:
-                outcome = self.evaluator.evaluate(number, knobs, self.faults.get(number))
+                outcome = self.evaluator.evaluate(number, knobs, self.faults.get(number), prune=limits,
+                                                  time_limit_s=time_limit, hard_timeout_s=hard_timeout)
         except WorkerFailure as f:
-            rec = build_record(number, state="FAIL", knobs=knobs, key=key, failure_reason=f.reason, error=f.message,
-                               error_type=f.error_type, traceback=f.detail,
-                               extra=dict(extra, duration_s=time.perf_counter() - t0, finished_at=_now()), **common)
+            elapsed = time.perf_counter() - t0
+            if f.reason == "timeout" and hard_timeout is not None and hard_timeout < self.spec.trial["timeout_s"]:
+                rec = build_record(number, state="PRUNED", knobs=knobs, key=key, failure_reason=pruning.SLOW_REASON,
+                                   extra=dict(extra, duration_s=elapsed, finished_at=_now(), pruned_stage="running",
+                                              prune_reason=pruning.slow_reason(elapsed, time_limit)
+                                              or f"killed after {elapsed:.1f} s (study time limit)"), **common)
+            else:
+                rec = build_record(number, state="FAIL", knobs=knobs, key=key, failure_reason=f.reason,
+                                   error=f.message, error_type=f.error_type, traceback=f.detail,
+                                   extra=dict(extra, duration_s=elapsed, finished_at=_now()), **common)
             self._finish(trial, rec)
             return rec
         except (KeyboardInterrupt, UserError) as exc:
@@ -642,6 +705,14 @@ class StudyRun:
             self._finish(trial, rec)
             return rec
         extra.update(finished_at=_now())
+        if outcome.get("state") == "PRUNED":  # stopped early by the worker (study.pruning)
+            outcome.setdefault("duration_s", time.perf_counter() - t0)
+            rec = build_record(number, state="PRUNED", knobs=knobs, key=key, outcome=outcome,
+                               failure_reason=outcome.get("failure_reason") or pruning.PRUNED_REASON,
+                               extra=dict(extra, pruned_stage=outcome.get("pruned_stage"),
+                                          prune_reason=outcome.get("prune_reason")), **common)
+            self._finish(trial, rec)
+            return rec
         self._judge(outcome)
         if outcome.get("duration_s") is None:
             outcome["duration_s"] = time.perf_counter() - t0
@@ -654,6 +725,16 @@ class StudyRun:
                                error=f"no finite figure for objective(s) {self.objectives}", extra=extra, **common)
         self._finish(trial, rec)
         return rec
+
+    def _prune_limits(self) -> tuple[dict[str, Any] | None, float | None, float | None]:
+        """(pruning limits, soft time limit, hard time limit) for the next trial, from the study so far."""
+        records = list(self.records.values())
+        limits = pruning.thresholds(records, self.objectives, self.rule)
+        soft = pruning.time_limit_s(records, self.rule)
+        hard = None
+        if soft is not None:  # one stage may overrun the soft limit; past twice it the worker is killed
+            hard = min(float(self.spec.trial["timeout_s"]), max(2.0 * soft, soft + 60.0))
+        return limits, soft, hard
 
     def _judge(self, outcome: dict[str, Any]) -> None:
         """Score the trial's saved continuation with the configured judge (scores go into the record)."""
@@ -804,6 +885,9 @@ class StudyRun:
                 "n_trials": self.spec.study["n_trials"], "sampler": self.sampler_name,
                 "seed": self.spec.study["seed"], "timeout_s": self.spec.study["timeout_s"]}]
         sessions = self._sessions
+        sessions[-1].update(wall_s=time.monotonic() - getattr(self, "_t_run", time.monotonic()),
+                            load_s=float(getattr(getattr(self, "evaluator", None), "load_s", 0.0)),
+                            confirm_s=float(getattr(self, "confirm_s", 0.0)))
         import optuna
 
         meta = {
@@ -833,8 +917,18 @@ class StudyRun:
             "updated_at": now_iso(),
             "finished": final,
             "sessions": sessions,
+            "time_split": self._time_split(),
         }
         self.files.write_run_meta(meta)
+
+    def _time_split(self) -> dict[str, Any]:
+        """Where the study's time went, over every session (study.timesplit)."""
+        sessions = getattr(self, "_sessions", None) or []
+        walls = [s.get("wall_s") for s in sessions]
+        return time_split([self.records[n] for n in sorted(self.records)],
+                          load_s=sum(float(s.get("load_s") or 0.0) for s in sessions),
+                          confirm_s=sum(float(s.get("confirm_s") or 0.0) for s in sessions),
+                          wall_s=sum(walls) if walls and all(isinstance(w, (int, float)) for w in walls) else None)
 
     def _prompt_text(self) -> str | None:
         """The text the saved continuations follow (the decode prompt, decoded by the model's tokenizer)."""
@@ -862,6 +956,8 @@ class StudyRun:
 
     # ================================================================================================
     def run(self) -> StudyResult:
+        self._t_run = time.monotonic()
+        self.confirm_s = 0.0
         self.plan()
         self._open()
         self.evaluator = self._make_evaluator()
@@ -880,8 +976,11 @@ class StudyRun:
                                       "confirmation round only")
                 for params in self.enqueued:  # a fresh study only: a resumed one has them in its storage
                     self.study.enqueue_trial(params, user_attrs={"enqueued": True})
+            self._enqueue_warm_starts()
             self._loop()
+            t_confirm = time.monotonic()
             data = self._confirm()
+            self.confirm_s = time.monotonic() - t_confirm
             contexts = list(data["contexts"]) if data else []
             best_path = None
             if contexts:
@@ -994,7 +1093,21 @@ class StudyRun:
             "notes": self.notes,
             "paths": self.paths(),
             "hints": hints,
+            "time_split_lines": time_split_lines(self._time_split()),
         })
+
+
+def trial_origin(attrs: Mapping[str, Any]) -> str | None:
+    """Where a trial's configuration came from when not from the sampler (the report lists these)."""
+    if attrs.get("origin"):
+        return str(attrs["origin"])
+    if attrs.get("baseline"):
+        return "default configuration"
+    if attrs.get("enqueued"):
+        return "[study] enqueue"
+    if attrs.get("requeued_from") is not None:
+        return f"re-queued from trial {attrs['requeued_from']}"
+    return None
 
 
 def _outcome_from_record(rec: Mapping[str, Any]) -> dict[str, Any]:
