@@ -17,7 +17,8 @@ from xlstm_tune.cli.main import main  # noqa: E402
 from xlstm_tune.runtime.options import KNOBS  # noqa: E402
 from xlstm_tune.study.replay import load_source  # noqa: E402
 from xlstm_tune.study.runner import StudyOptions, run_study  # noqa: E402
-from xlstm_tune.study.warm_start import _shipped_config_finder, resolve  # noqa: E402
+from xlstm_tune.runtime.config_file import load_config, shipped_config  # noqa: E402
+from xlstm_tune.study.warm_start import resolve  # noqa: E402
 from xlstm_tune.tracking.best_export import build_best, export_best  # noqa: E402
 from xlstm_tune.tracking.study_files import StudyFiles  # noqa: E402
 
@@ -89,7 +90,7 @@ def test_warm_start_enqueues_the_earlier_front_and_records_origins(tmp_path: Pat
 def test_warm_start_from_best_json_and_the_shipped_configs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     src = load_source(str(GRID), GRID.parent)
-    key = random.Random().choice(sorted(k for k in src.lookup if "native" in k))
+    key = random.Random().choice(sorted(k for k in src.lookup if "native" in k and "chunk_size=64" not in k))
     knobs = _knobs(src.lookup[key])
     best = build_best([{"context_len": 128, "knobs": knobs, "metrics": {}, "fidelity": {"passed": True}}],
                       {"device_name": "cpu", "model_id": "tiny", "model_config_hash": "x", "study_name": "other",
@@ -98,12 +99,11 @@ def test_warm_start_from_best_json_and_the_shipped_configs(tmp_path: Path) -> No
     res = _run(out, "fromjson", [str(path)])
     seeded = [r for r in res.records if r.get("origin") == "warm start: other best.json (context 128)"]
     assert len(seeded) == 1 and seeded[0]["key"] == key and seeded[0]["number"] == 1
-    meta = json.loads((out / "studies" / "fromjson" / "run_meta.json").read_text())
-    if _shipped_config_finder() is None:
-        assert any("no shipped configs/" in n for n in meta["notes"])
-    else:  # the shipped config is a seed, or a note says why it was not usable here
-        assert any(str(r.get("origin", "")).startswith("shipped configs/") for r in res.records) or \
-            any("shipped" in n for n in meta["notes"])
+    # the shipped configs/cpu.toml comes after the given sources (the replayed grid is a CPU grid)
+    shipped = [r for r in res.records if r.get("origin") == "shipped configs/cpu.toml"]
+    knobs_cpu = load_config(shipped_config("cpu")).knobs
+    assert len(shipped) == 1 and shipped[0]["number"] == 2
+    assert all(shipped[0][k] == v for k, v in knobs_cpu.items() if k in ("backend", "chunk_size"))
 
 
 def test_a_missing_warm_start_source_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -5,8 +5,8 @@
 Each `--warm-start SOURCE` (repeatable) is an earlier study's name under `--out-dir`, a study directory,
 a trials.jsonl, or a best.json. From a study, its Pareto front (feasible measured trials that no other
 dominates on this study's objectives, study.pruning.front) is taken; from a best.json, the knobs of each
-context entry. The shipped configuration for the device (`configs/`, `runtime.shipped_config`) is added
-too when the runtime has one. Every seed is checked against this study's space (a configuration the
+context entry. The shipped configuration for the device (`configs/<cpu|cuda|mps>.toml`,
+`runtime.config_file.shipped_config`) is added too. Every seed is checked against this study's space (a configuration the
 space cannot express is skipped, with a note) and de-duplicated by canonical configuration; the study
 enqueues them after the default (`Study.enqueue_trial`, user attr `origin`), so the sampler learns from
 them as its first trials, and the report lists where each came from.
@@ -85,46 +85,17 @@ def seeds_from_file(path: Path, objectives: Sequence[str]) -> list[Seed]:
             for p in pts if p.get("number") in by_number]
 
 
-def _shipped_config_finder() -> Any:
-    """runtime's `shipped_config(device_type)`, wherever the runtime package defines it (None: absent)."""
-    import importlib
-
-    for name in ("xlstm_tune.runtime", "xlstm_tune.runtime.configs", "xlstm_tune.runtime.config_file",
-                 "xlstm_tune.runtime.settings"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if callable(getattr(module, "shipped_config", None)):
-            return module.shipped_config
-    return None
-
-
 def shipped_seed(device_type: str) -> tuple[Seed | None, str | None]:
-    """The shipped `configs/` configuration for `device_type` as a seed, or (None, why not)."""
-    finder = _shipped_config_finder()
-    if finder is None:
-        return None, "no shipped configs/ in this installation: warm start from the given studies only"
-    try:
-        found = finder(device_type)
-    except UserError as exc:
-        return None, f"shipped config for {device_type} not used: {exc}"
-    if found is None:
-        return None, f"no shipped config for device type {device_type}"
-    knobs: Mapping[str, Any] | None = None
-    if hasattr(found, "knobs") and callable(found.knobs):
-        knobs = found.knobs()
-    elif isinstance(found, Mapping):
-        knobs = found.get("knobs", found)  # type: ignore[assignment]
-    elif isinstance(found, (str, Path)) and Path(found).is_file():
-        import tomllib
+    """The shipped `configs/<device_type>.toml` knobs as a seed (runtime.config_file), or (None, why not)."""
+    from xlstm_tune.runtime.config_file import load_config, shipped_config
 
-        text = Path(found).read_text(encoding="utf-8")
-        doc = json.loads(text) if str(found).endswith(".json") else tomllib.loads(text)
-        knobs = doc.get("knobs", doc)
-    if not isinstance(knobs, Mapping):
-        return None, f"shipped config for {device_type} has no knobs"
-    return Seed(_knobs(knobs), f"shipped configs/ for {device_type}"), None
+    try:
+        config = load_config(shipped_config(device_type))
+    except UserError as exc:
+        return None, f"no shipped config used: {exc}"
+    if not config.knobs:
+        return None, f"the shipped config for {device_type} sets no knobs"
+    return Seed(dict(config.knobs), f"shipped configs/{Path(config.path).name}"), None
 
 
 def plan_seeds(sources: Sequence[str], out_dir: str | Path, objectives: Sequence[str], space: Any,
