@@ -271,3 +271,26 @@ def test_kill_during_an_early_stopped_trial_then_resume(tmp_path: Path) -> None:
     assert requeued["params"] == recs[2]["params"]
     _check_pruned_everywhere(trials, recs, runs, requeued["number"])
     assert requeued["origin"] == "re-queued from trial 2"
+
+
+def test_costed_replay_charges_pruned_trials_less_on_the_same_proposals() -> None:
+    from xlstm_tune.study.replay import load_source, replay_costed, source_capabilities, source_model_info, source_spec_doc
+    from xlstm_tune.study.space import SearchSpace
+    from xlstm_tune.study.spec import parse_spec
+
+    grid = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "tiny_cpu_grid"
+    src = load_source(str(grid), grid.parent)
+    spec = parse_spec(source_spec_doc(src), "grid")
+    space = SearchSpace.resolve(spec, source_model_info(src), source_capabilities(src))
+    seed = random.randrange(1000)
+    kw = dict(max_trials=25, sampler_trials=20)
+    on = replay_costed(src, space, "random", seed, ["prefill_tok_s"], PruneRule(), **kw)
+    off = replay_costed(src, space, "random", seed, ["prefill_tok_s"], PruneRule(enabled=False), **kw)
+    # random search proposes the same configurations whatever the outcomes; only their cost and state differ
+    assert [e.key for e in on] == [e.key for e in off] and len(on) == 25
+    assert all(e.state == "COMPLETE" for e in off)
+    pruned = [(a, b) for a, b in zip(on, off) if a.state == "PRUNED" and b.cost_s > 0]  # repeats cost nothing
+    assert pruned, "a 25-trial random study over the tiny grid prunes some step-block configuration"
+    assert all(a.cost_s < b.cost_s for a, b in pruned)
+    assert all(a.cost_s == pytest.approx(b.cost_s) for a, b in zip(on, off) if a.state == "COMPLETE")
+    assert sum(e.cost_s for e in on) < sum(e.cost_s for e in off)

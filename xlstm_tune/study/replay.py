@@ -43,6 +43,7 @@ class ReplaySource:
     run_meta: dict[str, Any] | None = None
     lookup: dict[str, dict[str, Any]] = field(default_factory=dict)
     partial: dict[str, dict[str, Any]] = field(default_factory=dict)  # configurations the recording pruned
+    decode_cost_s: float | None = None  # median recorded decode stage cost (estimates for partial records)
 
     @property
     def study_name(self) -> str:
@@ -215,11 +216,11 @@ def recorded_outcome(src: ReplaySource, rec: Mapping[str, Any], limits: Mapping[
 
     lens = _spec_section(src, "workload").get("context_lens") or rec.get("context_lens") or []
     bench = _spec_section(src, "bench")
-    if not hasattr(src, "_decode_s"):
+    if src.decode_cost_s is None:
         costs = [c for r in src.lookup.values() for n, _, c in stage_plan(r, bench, lens) if n == pruning.STAGE_DECODE]
-        src._decode_s = statistics.median(costs) if costs else 0.0  # type: ignore[attr-defined]
+        src.decode_cost_s = statistics.median(costs) if costs else 0.0
     partial = rec.get("state") != "COMPLETE"
-    plan = stage_plan(rec, bench, lens, src._decode_s)  # type: ignore[attr-defined]
+    plan = stage_plan(rec, bench, lens, src.decode_cost_s)
     fid = _pos((rec.get("stage_s") or {}).get("fidelity")) or _pos((rec.get("phases") or {}).get("fidelity_s"))
     out = replay_outcome(rec, plan, limits, time_limit_s, recorded_to=rec.get("pruned_stage") if partial else None,
                          fidelity_s=fid)
@@ -294,13 +295,10 @@ def replay_trace_detailed(lookup: Mapping[str, Mapping[str, Any]], space: Any, s
     max_attempts = max_attempts or 20 * n_trials
     while len(out) < n_trials and attempts < max_attempts:
         attempts += 1
-        trial = study.ask()
-        params = space.suggest(trial)
-        raw = space.knobs_from_params(params)
-        if space.check(raw) is not None:
-            _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+        trial, params, knobs = _ask(study, space)
+        if knobs is None:
             continue
-        key = knob_key(space.canonical(raw))
+        key = knob_key(knobs)
         rec = lookup.get(key)
         if rec is None or rec.get(objective) is None:
             _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
@@ -314,6 +312,19 @@ def replay_trace_detailed(lookup: Mapping[str, Mapping[str, Any]], space: Any, s
         if stopped or (stop_at is not None and feasible and value >= stop_at):
             break
     return out
+
+
+def _ask(study: Any, space: Any) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """(trial, sampled params, canonical knobs); knobs None for an invalid combination (already told PRUNED)."""
+    import optuna
+
+    trial = study.ask()
+    params = space.suggest(trial)
+    raw = space.knobs_from_params(params)
+    if space.check(raw) is not None:
+        _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+        return trial, params, None
+    return trial, params, space.canonical(raw)
 
 
 def _tell(study: Any, trial: Any, **kwargs: Any) -> bool:
@@ -389,13 +400,9 @@ def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, o
     attempts = 0
     while len(events) < max_trials and attempts < 20 * max_trials:
         attempts += 1
-        trial = study.ask()
-        params = space.suggest(trial)
-        raw = space.knobs_from_params(params)
-        if space.check(raw) is not None:
-            _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+        trial, params, knobs = _ask(study, space)
+        if knobs is None:
             continue
-        knobs = space.canonical(raw)
         key = knob_key(knobs)
         if key in seen:  # answered from the first measurement: free
             prev = seen[key]

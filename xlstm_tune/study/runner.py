@@ -244,6 +244,7 @@ class StudyRun:
         self.out_dir = Path(opts.out_dir)
         self.records: dict[int, dict[str, Any]] = {}
         self.by_key: dict[str, dict[str, Any]] = {}
+        self.pruned_by_key: dict[str, dict[str, Any]] = {}
         self.run_ids: dict[int, str] = {}
         self.notes: list[str] = []
         self.new_trials = 0
@@ -447,6 +448,9 @@ class StudyRun:
         self.records[rec["number"]] = rec
         if measured(rec) and rec.get("key"):
             self.by_key.setdefault(rec["key"], rec)
+        elif rec.get("state") == "PRUNED" and rec.get("duplicate_of") is None and rec.get("key") \
+                and rec.get("failure_reason") in (pruning.PRUNED_REASON, pruning.SLOW_REASON):
+            self.pruned_by_key.setdefault(rec["key"], rec)  # the front only improves: it stays pruned
 
     def _set_attrs(self, trial_id: int, rec: Mapping[str, Any]) -> None:
         """The record as Optuna user attributes, and the fidelity constraint of a COMPLETE trial."""
@@ -684,6 +688,14 @@ class StudyRun:
         self.progress.running(number, knobs)
         limits, time_limit, hard_timeout = self._prune_limits()
         t0 = time.perf_counter()
+        if key not in self.by_key and key in self.pruned_by_key:  # answered from the earlier stop, costs nothing
+            src = self.pruned_by_key[key]
+            rec = build_record(number, state="PRUNED", knobs=knobs, key=key, failure_reason=src["failure_reason"],
+                               extra=dict(extra, duplicate_of=src["number"], pruned_stage=src.get("pruned_stage"),
+                                          prune_reason=f"same configuration as #{src['number']}: "
+                                                       f"{src.get('prune_reason')}", finished_at=_now()), **common)
+            self._finish(trial, rec)
+            return rec
         try:
             if key in self.by_key:
                 src = self.by_key[key]
@@ -789,8 +801,9 @@ class StudyRun:
                 if rec["state"] == "COMPLETE":
                     completed = self._completed()  # the study's total: other processes may share it
                     unrunnable = 0
-                elif rec["state"] == "PRUNED":
-                    unrunnable += 1
+                elif rec["state"] == "PRUNED" and (rec.get("duplicate_of") is not None or rec.get("failure_reason")
+                                                   not in (pruning.PRUNED_REASON, pruning.SLOW_REASON)):
+                    unrunnable += 1  # nothing was measured: an invalid, unrecorded or already pruned sample
                     if unrunnable >= MAX_UNRUNNABLE_IN_A_ROW:
                         self.notes.append(f"stopped: {unrunnable} sampled combinations in a row could not run "
                                           f"({rec.get('failure_reason')})")
