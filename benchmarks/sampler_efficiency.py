@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             results[f"{name}/{setting}"] = {"sampler": name, "early_stopping": setting, "seconds": secs,
                                             "trials": trials, "pruned": pruned, "failures": failures,
                                             "wall_s": time.perf_counter() - t0}
+            print(f"  {name}, early stopping {setting}: {args.seeds} seeds in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
 
     base = results.get("random/off")
     base_med = statistics.median(base["seconds"]) if base and base["seconds"] else None

@@ -146,6 +146,11 @@ def _spec(path: Path, name: str, n_trials: int) -> Path:
         '[trial]\ntimeout_s = 120\n'
         '[confirm]\ntop_k = 1\nrounds = 1\n'
         '[quality]\njudge = "none"\nperplexity = false\n'
+        # one math thread (a shared 2-core machine makes two threads' native prefill 10-100x noisier); nothing
+        # is pruned before two trials are measured, so the enqueued native trial always completes; the
+        # step-by-step configuration is ~4-13x behind, a 1.5x margin without the noise term (a busy
+        # machine's CV would widen it) stops it at its screen
+        '[runtime]\nthreads = 1\n[pruning]\nmin_trials = 2\nmargin = 1.5\nnoise_k = 0.0\n'
         '[space]\nbackend = ["native", "queued"]\nchunk_size = [16, 32, 64]\nheads_per_band = [1, 4]\n'
         'workers = [1, 4]\nt_inner = [1, 4, 16]\ndecode_mode = ["eager"]\n', encoding="utf-8")
     return path
@@ -186,8 +191,13 @@ def _stores(out: Path, name: str) -> tuple[dict, dict, dict]:
 
 def _check_pruned_everywhere(trials: dict, recs: dict, runs: dict, n: int) -> None:
     rec = recs[n]
+    print({m: (r["state"], r["backend"], r.get("prefill_tok_s_ctx128"), r.get("stage_figures"), r.get("prune_reason"))
+           for m, r in recs.items()})  # shown when an assertion below fails
     assert rec["state"] == "PRUNED" and rec["failure_reason"] == "hopeless", rec
-    assert rec["pruned_stage"] == "screen" and "trial #1" in rec["prune_reason"]
+    assert rec["pruned_stage"] == "screen"
+    better = recs[int(rec["prune_reason"].rsplit("trial #", 1)[1].rstrip(")"))]  # the trial that beats it
+    assert better["state"] == "COMPLETE" and better["feasible"] and better["number"] in (0, 1)
+    assert better["prefill_tok_s_ctx128"] >= 2.0 * rec["prefill_tok_s_ctx128"]
     assert list(rec["stage_s"]) == ["screen"]  # stopped after its first measurement: nothing else ran
     assert rec["prefill_tok_s_ctx128"] > 0 and "decode_tok_s" not in rec and "fidelity_rel_err" not in rec
     assert trials[n].state.name == "PRUNED"
@@ -206,7 +216,7 @@ def test_hopeless_trial_stops_after_its_first_measurement(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials, recs, runs = _stores(tmp_path / "out", "prune")
     assert recs[0]["state"] == "COMPLETE" and recs[1]["state"] == "COMPLETE"  # default, then native
-    assert recs[1]["backend"] == "native" and recs[1]["prefill_tok_s"] > 2 * recs[2]["prefill_tok_s_ctx128"]
+    assert recs[1]["backend"] == "native"
     _check_pruned_everywhere(trials, recs, runs, 2)
     assert recs[2]["origin"] == "[study] enqueue"
     assert "Where the time went:" in proc.stdout and "pruned trials" in proc.stdout
