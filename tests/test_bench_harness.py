@@ -35,7 +35,8 @@ from xlstm_tune.bench.workload import (  # noqa: E402
 from xlstm_tune.errors import UserError  # noqa: E402
 from xlstm_tune.quality.fidelity import fidelity_metrics  # noqa: E402
 
-FAST = BenchSettings(warmup=1, repeats=2, max_cv=10.0, max_rounds=1)
+# busy_retries=0: one measurement per figure whatever the load (the sync count below depends on it)
+FAST = BenchSettings(warmup=1, repeats=2, max_cv=10.0, max_rounds=1, busy_retries=0)
 INFO = describe_model("tiny")
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from xlstm_tune.bench.workload import describe_model
+from xlstm_tune.runtime.device import device_name
 from xlstm_tune.tracking.best_export import build_best, export_best
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -51,8 +53,8 @@ def test_run_applies_best_json_and_cli_overrides_it(tmp_path):
     best = build_best(
         [{"context_len": 8, "knobs": knobs, "metrics": {}, "fidelity": {"passed": True}},
          {"context_len": 4096, "knobs": other, "metrics": {}, "fidelity": {"passed": True}}],
-        {"device_name": "cpu", "model_id": "tiny", "model_config_hash": "x", "study_name": "s", "trial_number": 1,
-         "mlflow_run_id": None},
+        {"device_name": device_name("cpu"), "model_id": "tiny", "model_config_hash": describe_model("tiny")["config_hash"],
+         "study_name": "s", "trial_number": 1, "mlflow_run_id": None},
     )
     path = export_best(tmp_path / "best.json", best)
     proc = _run("--best", str(path), "--prompt", "short", "--max-new-tokens", "3", "--no-compile")

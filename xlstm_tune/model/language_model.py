@@ -69,7 +69,7 @@ class LanguageModel:
         self._options, self._cells, self._decode = options, cells, decode
 
     def _fused_step(self) -> FusedDecodeStep | None:
-        """The batch-1 step on fused kernels, where the device has them and the model fits them."""
+        """The in-place step on fused kernels (batch 1..16), where the device has them and the model fits them."""
         kernels = dev.fused_decode_kernels(self.device)
         if kernels is None or fused_decode_supported(self.net) is not None:
             return None
@@ -77,7 +77,7 @@ class LanguageModel:
 
     @property
     def decode_path(self) -> str:
-        """What one decode token runs: `eager`, `compiled`, `graph:fused` (the fused batch-1 kernels),
+        """What one decode token runs: `eager`, `compiled`, `graph:fused` (the fused kernels, batch 1..16),
         `graph:step` (the captured step), or `graph` before the first capture."""
         mode = self._decode.mode
         if mode != "graph" or self._decode.graph is None:
