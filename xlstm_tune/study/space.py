@@ -18,8 +18,11 @@ Three rules keep trials from being wasted (docs/STUDY.md "Search space"):
    * `decode_mode`, all backends: the decode step that runs (decode steps per path).
 3. **Canonical configurations.** Irrelevant knobs take the default configuration's value, and `workers`
    and `streams` above the number of head bands are cut to it (threads or streams beyond the band count
-   never get work). Two trials
-   with the same canonical knobs are the same measurement: the second is answered from the first.
+   never get work). Two trials with the same canonical knobs are the same measurement: the second is
+   answered from the first.
+
+Objectives: a prefill objective is moved by PREFILL_KNOBS, a decode objective by decode_mode alone
+(DECODE_KNOBS): benchmarks/decode_knobs.py measured backend and workers to leave decode within noise.
 
 Combinations still invalid after that (`t_inner` not dividing `chunk_size`) are detected before a trial
 starts and recorded as pruned with reason `invalid_combination`, without running anything.
@@ -39,10 +42,11 @@ from xlstm_tune.study.spec import Dimension, ExperimentSpec
 DEFAULT_KNOBS = {"backend": "queued", "chunk_size": 32, "heads_per_band": 4, "workers": 4, "t_inner": 4,
                  "streams": 0, "decode_mode": "eager"}
 PREFILL_KNOBS = ("backend", "chunk_size", "heads_per_band", "workers", "t_inner", "streams")
-# Decode runs the step function, not the prefill scheduler, but the scheduler's threads (queued pool,
-# Ray actors) stay alive while it runs: on a 2-core CPU an active queued pool slowed eager decode by ~1.5x
-# in our measurements. So backend and workers can move decode too.
-DECODE_KNOBS = ("decode_mode", "backend", "workers")
+# Decode runs the decode mode's step function, never the prefill scheduler. Whether the scheduler a
+# backend leaves alive (queued pool threads, Ray actors) slows it was measured (benchmarks/decode_knobs.py,
+# docs/PERFORMANCE.md): backend and workers moved decode within the noise of an identical configuration,
+# decode_mode by 5.5x. So only decode_mode is a decode knob.
+DECODE_KNOBS = ("decode_mode",)
 MAX_GRID = 20_000
 
 
