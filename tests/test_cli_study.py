@@ -122,7 +122,10 @@ def test_full_study_end_to_end(finished: dict) -> None:
     # Optuna storage
     st = optuna.load_study(study_name="e2e", storage=_journal(out))
     complete = [t for t in st.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 5 and len(st.directions) == 2
+    # On a CPU the quickstart searches decode_mode = [eager] only, and nothing else moves decode: decode is
+    # recorded, prefill optimised
+    assert len(complete) == 5 and len(st.directions) == 1
+    assert "decode_tok_s is recorded but not optimised" in proc.stdout
     for t in complete:
         assert "record" in t.user_attrs and t.user_attrs["prefill_tok_s"] > 0
         assert "fidelity" in t.constraints and t.constraints["fidelity"] <= 0
