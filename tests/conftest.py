@@ -27,3 +27,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64: the project's tolerance metric."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm())
+
+
+@pytest.fixture
+def restore_process():
+    """Runtime settings apply to the whole process (torch's thread count, the CUDA switches in the
+    environment): put both back after a test that applies them."""
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    yield
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(environ)

@@ -19,16 +19,6 @@ from xlstm_tune.tracking.best_export import build_best, export_best
 KNOBS = dict(backend="native", chunk_size=16, heads_per_band=4, workers=1, t_inner=4, streams=0, decode_mode="eager")
 
 
-@pytest.fixture
-def restore_process() -> None:
-    """Settings.apply changes torch's thread count and the environment: put both back."""
-    threads, environ = torch.get_num_threads(), dict(os.environ)
-    yield
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(environ)
-
-
 def _one_line(exc: pytest.ExceptionInfo) -> str:
     msg = str(exc.value)
     assert "\n" not in msg
