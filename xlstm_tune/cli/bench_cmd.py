@@ -7,7 +7,8 @@ Knobs and settings: flags > --best best.json > XLSTM_* environment > --config fi
 --prompt-file, or synthetic ids of every --prefill-len (default 512). Figures follow DESIGN.md §5: device
 sync before every clock read, the first (compiling) call timed apart, warm-up, repeats, median with
 p20/p80 and CV, re-measured while the CV is above --max-cv. Rows are named like llama-bench's:
-`pp<N>` prefill of N tokens, `tg<N>` decode of N tokens.
+`pp<N>` prefill of N tokens, `tg<N>` decode of N tokens (`tg<N> xB` for B sequences decoded together,
+--batch-size B: tok/s counts B x N tokens).
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_knob_flags(p, multi=False, best=True)
     add_runtime_flags(p, best=True)
     g = p.add_argument_group("measuring")
+    g.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="sequences decoded together (different prompts); decode tok/s counts B x tokens (default 1)")
     g.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed calls after the first (default 1)")
     g.add_argument("--max-cv", type=float, default=0.10, metavar="X",
                    help="re-measure while the coefficient of variation exceeds this (default 0.10)")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from xlstm_tune.runtime.device import device_summary, resolve_device
 
     for flag, value in (("--new-tokens", args.new_tokens), ("--repeats", args.repeats),
-                        ("--max-rounds", args.max_rounds), ("--max-cv", args.max_cv)):
+                        ("--max-rounds", args.max_rounds), ("--max-cv", args.max_cv), ("--batch-size", args.batch_size)):
         positive(flag, value)
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
@@ -91,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     new_tokens = 32 if args.new_tokens is None else args.new_tokens
     model = load_model(model_name, device=str(device), dtype=runtime.dtype, runtime=options, seed=args.seed)
     try:
-        report = run_benchmark(model, lengths, source, new_tokens, settings, model_info=info)
+        report = run_benchmark(model, lengths, source, new_tokens, settings, model_info=info, batch_size=args.batch_size)
     finally:
         model.close()
     if args.decode_csv and report.decode is not None:
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                 for p in report.prefill]
         if report.decode is not None:
             d = report.decode
-            rows.append(_row(f"tg{d.new_tokens}", d.new_tokens, d.tok_s, d.first_call_s, d.compile_s, _marks(d)))
+            rows.append(_row(f"tg{d.new_tokens}" + (f" x{d.batch_size}" if d.batch_size > 1 else ""),
+                             d.new_tokens * d.batch_size, d.tok_s, d.first_call_s, d.compile_s, _marks(d)))
         header = ["test", "tokens", "tok/s", "p20", "p80", "cv", "n", "first call s", "compile s", ""]
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         for line in [header, ["-" * w for w in widths], *rows]:

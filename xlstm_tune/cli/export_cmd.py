@@ -32,14 +32,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def describe(data: dict[str, Any]) -> str:
+    """One line: per context the knobs, both phases' speed-up [interval] and verdict, or why the default stays."""
+    from xlstm_tune.study.significance import fmt_interval
+
     prov = data.get("provenance", {})
     parts = []
     for c in data["contexts"]:
         k = c["knobs"]
-        sp = (c.get("metrics") or {}).get("speedup_prefill")
-        parts.append(f"{c['context_len']}: {k['backend']} chunk_size={k['chunk_size']} heads_per_band={k['heads_per_band']} "
-                     f"workers={k['workers']} t_inner={k['t_inner']} decode_mode={k['decode_mode']}"
-                     + (f" ({sp:.2f}x prefill)" if isinstance(sp, (int, float)) else ""))
+        conf = c.get("confirmation") or {}
+        text = f"{c['context_len']}: " + " ".join(f"{name}={k[name]}" for name in k)
+        if c.get("winner") is False:
+            text += f" (the default: no winner; {c.get('reason')})"
+        elif conf.get("prefill") or conf.get("decode"):
+            text += " (" + ", ".join(f"{p} {fmt_interval(conf[p])} {conf[p]['verdict']}"
+                                     for p in ("prefill", "decode") if conf.get(p)) + ")"
+        elif isinstance(sp := (c.get("metrics") or {}).get("speedup_prefill"), (int, float)):
+            text += f" ({sp:.2f}x prefill, unconfirmed)"
+        parts.append(text)
     return (f"schema {data['schema']}, model {prov.get('model_id')} on {prov.get('device_name')}, "
             f"study {prov.get('study_name')}; " + "; ".join(parts))
 

@@ -3,13 +3,13 @@
     python -m xlstm_tune ui [--out-dir mlruns] [--tracking-uri URI] [--host 127.0.0.1] [--port 5000]
 
 The store is the one `study` writes: --tracking-uri, else $MLFLOW_TRACKING_URI, else the sqlite store
-`<out-dir>/mlflow.db`. The server binds to 127.0.0.1 unless --host says otherwise.
+`<out-dir>/mlflow.db`. The server binds to 127.0.0.1 unless --host says otherwise. It runs as a process
+group of its own that SIGTERM or Ctrl-C stops whole, workers included (cli.server_group).
 """
 from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,4 +65,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     warn_if_exposed(args.host, "the MLflow UI")
     sys.stderr.write(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)\n")
-    return subprocess.call(cmd)
+    from xlstm_tune.cli.server_group import serve
+
+    return serve(cmd)

@@ -110,6 +110,43 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device("mps", 0)
 
 
+def worker_devices(text: str) -> list[str]:
+    """One device per worker from `--devices`: `cuda:0,cuda:1`, `cpu,cpu,cpu` or `cpu:3` (3 CPU workers).
+
+    A CPU has no index, so `cpu:N` counts workers; every other entry names one device (repeat it to put
+    several workers on it). Each entry is checked to exist here.
+    """
+    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UserError(f"--devices {text!r} names no device: use e.g. cuda:0,cuda:1 or cpu:3")
+    out: list[str] = []
+    for item in items:
+        kind, _, count = item.partition(":")
+        if kind == "cpu" and count:
+            if not count.isdigit() or int(count) < 1:
+                raise UserError(f"--devices entry {item!r}: cpu:N needs a worker count N >= 1, e.g. cpu:3")
+            out += ["cpu"] * int(count)
+            continue
+        if item == "auto":
+            raise UserError("--devices takes explicit devices (auto picks one): use e.g. cuda:0,cuda:1 or cpu:3")
+        out.append(str(resolve_device(item)))
+    return out
+
+
+def isolated_device(name: str) -> tuple[str, dict[str, str]]:
+    """(the device as a worker that may see only `name` calls it, the environment that hides the others).
+
+    `cuda:N` -> (`cuda:0`, CUDA_VISIBLE_DEVICES=<N's physical id>): a worker can touch no other GPU, and
+    libraries that default to device 0 land on the right one. CPU and MPS have nothing to hide.
+    """
+    dev = resolve_device(name)
+    if dev.type != "cuda":
+        return str(dev), {}
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = visible[dev.index] if dev.index is not None and dev.index < len(visible) else str(dev.index)
+    return "cuda:0", {"CUDA_VISIBLE_DEVICES": physical}
+
+
 # ---- clocks and memory -----------------------------------------------------------------------------
 def synchronize(device: str | torch.device) -> None:
     """Wait for all queued work on `device`; device calls are asynchronous, so timing needs this."""
@@ -357,7 +394,7 @@ def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
 
 
 def fused_decode_kernels(device: str | torch.device) -> ModuleType | None:
-    """The fused batch-1 decode kernels (`kernels.decode_triton`) for this device, or None.
+    """The fused decode kernels (batch 1..16) (`kernels.decode_triton`) for this device, or None.
 
     CUDA with Triton gets them (`decode_mode=graph` captures a step built on them);
     XLSTM_FUSED_DECODE=0 turns them off (A/B measurements, debugging).

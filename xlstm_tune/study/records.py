@@ -137,7 +137,7 @@ def mlflow_payload(rec: Mapping[str, Any], *, device: Mapping[str, Any] | None =
         if rec.get(k) != v:
             params[f"sampled_{k}"] = v
     metrics: dict[str, float] = {}
-    skip = {"number", "worker_pid"}
+    skip = {"number", "worker_pid", "study_pid"}
     for k, v in rec.items():
         if k in skip or k in KNOBS:
             continue

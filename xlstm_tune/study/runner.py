@@ -35,7 +35,7 @@ from typing import Any, TextIO
 from urllib.parse import urlparse
 
 from xlstm_tune import __version__
-from xlstm_tune.errors import UserError
+from xlstm_tune.errors import UserError, storage_fault
 from xlstm_tune.runtime.best_file import write_json_atomic
 from xlstm_tune.study import confirm as confirm_mod
 from xlstm_tune.study.export import confirm_path, read_confirm
@@ -89,6 +89,9 @@ class StudyOptions:
     objectives: list[str] | None = None
     progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
     argv: list[str] | None = None
+    devices: list[str] | None = None  # one trial worker process per entry (study.fleet)
+    ray_address: str | None = None  # trial workers on a Ray cluster (study.fleet)
+    trials_only: bool = False  # a fleet worker: run trials, leave confirmation and wrap-up to the launcher
     config: str | None = None  # runtime configuration file: settings as flags, its knobs measured first
     runtime: dict[str, Any] = field(default_factory=dict)  # threads, interop_threads, tf32_cell, ... flags
 
@@ -326,7 +329,7 @@ class StudyRun:
         import optuna
 
         from xlstm_tune.study.samplers import make_sampler
-        from xlstm_tune.tracking.mlflow_log import StudyTracker, default_artifact_root
+        from xlstm_tune.tracking.mlflow_log import StudyTracker, comparison_columns, default_artifact_root
 
         self.files.ensure_dirs()
         sampler = make_sampler(self.sampler_name, seed=self.spec.study["seed"], n_objectives=len(self.objectives),
@@ -360,6 +363,8 @@ class StudyRun:
                       "sampler": self.sampler_name, "device": self.caps.get("device", ""),
                       "model": self.spec.model["name"], "replay": str(self.src is not None).lower(),
                       "mlflow.note.content": f"xlstm_tune study {self.name}: {self.spec.source}"})
+            self.comparison_route = self.tracker.save_comparison_view(
+                *comparison_columns(self.spec.context_lens, list(self.space.dims)))
         except UserError:
             raise
         except Exception as exc:
@@ -381,6 +386,7 @@ class StudyRun:
             "compile": s.model["compile"], "model_seed": s.model["seed"],
             "context_lens": s.context_lens, "new_tokens": s.workload["new_tokens"],
             "decode_context_len": s.workload["decode_context_len"],
+            "batch_size": s.workload["batch_size"],
             "prompt_text": self.prompt.text, "prompt_origin": self.prompt.origin, "prompt_seed": self.prompt.seed,
             "bench": dict(s.bench),
             "runtime": dict(s.runtime),
@@ -461,12 +467,15 @@ class StudyRun:
         try:
             run_id = self.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
                                             artifacts=artifacts,
-                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED")
+                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED",
+                                            started_at=rec.get("started_at"), finished_at=rec.get("finished_at"))
             self.run_ids[rec["number"]] = run_id
             best = self._best_so_far()
             if best:
                 self.tracker.log_parent_metrics(best, step=rec["number"])
         except Exception as exc:  # the study's own record is safe; MLflow is filled in on the next run
+            if storage_fault(exc):
+                raise  # a full or read-only disk: stop the study (the CLI says so in one line)
             if not self._mlflow_warned:
                 self.err.write(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); "
                                f"the trial is recorded in trials.jsonl and will be logged on the next run\n")
@@ -499,6 +508,7 @@ class StudyRun:
             if n in self.run_ids:
                 rec["mlflow_run_id"] = self.run_ids[n]
             rec.pop("traceback", None)
+            rec["sampled_params"] = rec.pop("params", None)  # the sampler's raw values; the knob columns ran
             rows.append(rec)
         self.files.write_summary_csv(rows)
 
@@ -527,6 +537,8 @@ class StudyRun:
         on_file = dict(self.records)
         for t in self.study.get_trials(deepcopy=False):
             rec = on_file.get(t.number)
+            if t.state == TrialState.RUNNING and self.opts.trials_only:
+                continue  # another worker's trial; the launcher reconciles what dead workers left
             if t.state == TrialState.RUNNING:
                 trial = optuna.trial.Trial(self.study, t._trial_id)
                 if rec is not None and rec.get("state") in ("COMPLETE", "FAIL", "PRUNED"):
@@ -601,7 +613,7 @@ class StudyRun:
                                  "requeued_from": trial.user_attrs.get("requeued_from"),
                                  "is_default": None,
                                  "baseline": True if trial.user_attrs.get("baseline") else None,
-                                 "started_at": _now()}
+                                 "started_at": _now(), **_ran_by()}
         common = dict(params=params, compile=self.spec.model["compile"], objectives=self.objectives,
                       context_lens=self.spec.context_lens)
         reason = self.space.check(raw)
@@ -693,7 +705,7 @@ class StudyRun:
                     break
                 rec = self._run_trial()
                 if rec["state"] == "COMPLETE":
-                    completed += 1
+                    completed = self._completed()  # the study's total: other processes may share it
                     unrunnable = 0
                 elif rec["state"] == "PRUNED":
                     unrunnable += 1
@@ -723,12 +735,12 @@ class StudyRun:
         cands = confirm_mod.select_candidates(records, confirm_mod.criteria(self.objectives, lens), c["top_k"],
                                               c["max_candidates"], default["key"])
         replay = self.src is not None
-        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"]) + f";mode={mode};replay={replay}"
+        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"], rule=c) + f";mode={mode};replay={replay}"
         existing = read_confirm(self.files)
         if existing is not None and existing.get("signature") == sig:
             return existing
         if replay:
-            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens)
+            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens, rule=c)
         else:
             configs = [{"key": e["key"], "knobs": e["knobs"]} for e in [default, *cands]]
             self.err.write(f"Confirmation round: {len(cands)} candidate(s) against the default, "
@@ -743,7 +755,7 @@ class StudyRun:
                     self.notes.append(f"confirmation round attempt {attempt} failed ({f.reason}: {f.message})")
             if raw is None:
                 return None
-            summary = confirm_mod.summarize_round(raw, default, cands, lens)
+            summary = confirm_mod.summarize_round(raw, default, cands, lens, rule=c)
         base = summary["configs"][0]
         if mode == "balanced" and (base.get("error") or not base.get("decode")):
             mode = "prefill"
@@ -891,7 +903,19 @@ class StudyRun:
                                       "confirmation round only")
                 for params in self.enqueued:  # a fresh study only: a resumed one has them in its storage
                     self.study.enqueue_trial(params, user_attrs={"enqueued": True})
+            if self.opts.devices or self.opts.ray_address:
+                from xlstm_tune.study.fleet import run_fleet
+
+                self.fleet_report = run_fleet(self)
+                before = len(self.records)
+                self._reconcile()  # the workers' trials, and whatever a dead worker left RUNNING
+                self.new_trials += len(self.records) - before
             self._loop()
+            if self.opts.trials_only:
+                self._final_files()
+                self._write_meta()
+                return StudyResult(self.name, self._completed(), [self.records[n] for n in sorted(self.records)],
+                                   [], self.paths(), None, self.new_trials, "")
             data = self._confirm()
             contexts = list(data["contexts"]) if data else []
             best_path = None
@@ -919,7 +943,8 @@ class StudyRun:
             try:
                 self.evaluator.close()
             finally:
-                if self.tracker is not None and self.tracker.parent_run_id is not None:
+                if self.tracker is not None and self.tracker.parent_run_id is not None \
+                        and not self.opts.trials_only:  # a fleet's parent run is the launcher's to end
                     try:
                         self.tracker.end_parent(status)
                     except Exception:  # noqa: BLE001
@@ -958,6 +983,8 @@ class StudyRun:
                                 self.files.best_path, confirm_path(self.files)) if p.is_file()]
             self.tracker.log_parent_artifacts(arts)
         except Exception as exc:  # noqa: BLE001
+            if storage_fault(exc):
+                raise
             self.err.write(f"warning: MLflow parent run update failed: {exc}\n")
 
     def _plots_and_report(self, contexts: list[dict[str, Any]]) -> None:
@@ -970,10 +997,12 @@ class StudyRun:
             if outcome.notes:
                 self.notes.extend(n for n in outcome.notes if not n.startswith("MLflow:"))
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not cost the measured study
+            if storage_fault(exc):
+                raise
             self.err.write(f"warning: plots/report not written: {exc}\n")
 
     def _render(self, contexts: list[dict[str, Any]], data: Mapping[str, Any] | None) -> str:
-        default = dict(data["summary"]["configs"][0], knobs=self.space.default_knobs()) if data else None
+        default = data["summary"]["configs"][0] if data else None  # its knobs are the canonical ones
         if data is None:
             note = None
         elif data.get("replay"):
@@ -988,6 +1017,10 @@ class StudyRun:
             "",
             f"Compare runs:   python -m xlstm_tune ui --out-dir {self.out_dir}" + (
                 f" --tracking-uri {self.opts.tracking_uri}" if self.opts.tracking_uri else ""),
+        ]
+        if getattr(self, "comparison_route", None):
+            hints.append(f"                then open http://127.0.0.1:5000/{self.comparison_route} (the trials side by side)")
+        hints += [
             f"Study history:  python -m xlstm_tune dashboard --out-dir {self.out_dir}" + (
                 f" --storage {self.opts.storage}" if self.opts.storage else ""),
         ]
@@ -1000,6 +1033,7 @@ class StudyRun:
             "records": [self.records[n] for n in sorted(self.records)],
             "contexts": contexts,
             "default": default,
+            "confirmation": data["summary"] if data else None,
             "confirm_note": note,
             "no_best_reason": reason,
             "notes": self.notes + [n for n in (busy_note(self.records.values(), self.spec.bench["max_other_cpu"]),) if n],
@@ -1042,6 +1076,12 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
             if a.get(k) != b.get(k):
                 return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
     return f"{path}: was {a!r}, now {b!r}"
+
+
+def _ran_by() -> dict[str, Any]:
+    """Which process ran a trial: host, pid and (in a fleet) the worker's label, for the record."""
+    return {"study_host": socket.gethostname(), "study_pid": os.getpid(),
+            "fleet_worker": os.environ.get("XLSTM_TUNE_FLEET_WORKER") or None}
 
 
 def _now() -> str:

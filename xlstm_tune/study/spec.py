@@ -9,12 +9,12 @@ Sections (every key optional except where noted; see docs/STUDY.md and experimen
 
     [study]     name, n_trials, sampler, seed, timeout_s, objectives
     [model]     name, device, dtype, compile, seed
-    [workload]  context_lens, new_tokens, decode_context_len, prompt, prompt_file, prompt_seed
+    [workload]  context_lens, new_tokens, decode_context_len, batch_size, prompt, prompt_file, prompt_seed
     [bench]     warmup, repeats, max_cv, max_rounds, busy_retries, max_other_cpu
     [runtime]   threads, interop_threads, tf32_cell, fused_decode, triton_gemv (process-wide settings)
     [fidelity]  rel_tol, min_greedy_agreement, prompt_len, decode_steps
     [trial]     timeout_s, worker_start_timeout_s
-    [confirm]   top_k, rounds, repeats, max_candidates
+    [confirm]   top_k, rounds, repeats, max_candidates, confidence, max_trade, min_rounds
     [sampler]   n_startup_trials, population_size (sampler-specific tuning)
     [space]     knob = [choices] or knob = {low, high, step, log}
     [fixed]     knob = value   (knobs not searched; default: the runtime's built-in defaults)
@@ -53,7 +53,8 @@ _SECTIONS: dict[str, dict[str, Any]] = {
               "enqueue": []},
     "model": {"name": "tiny", "device": "auto", "dtype": "float32", "compile": True, "seed": 0},
     "workload": {"context_lens": [512, 2048], "new_tokens": 32, "decode_context_len": None, "prompt": None,
-                 "prompt_file": None, "prompt_seed": 0},
+                 "prompt_file": None, "prompt_seed": 0,
+                 "batch_size": 1},  # sequences decoded together (decode_tok_s counts batch_size x tokens)
     # busy_retries: re-measurements of a figure taken while other processes used more than max_other_cpu
     # of this process's CPUs (bench/load.py); still busy after them, the figure is flagged busy_machine
     "bench": {"warmup": 1, "repeats": 5, "max_cv": 0.10, "max_rounds": 3, "busy_retries": 1, "max_other_cpu": 0.25},
@@ -62,7 +63,10 @@ _SECTIONS: dict[str, dict[str, Any]] = {
                 "triton_gemv": True},
     "fidelity": {"rel_tol": None, "min_greedy_agreement": None, "prompt_len": 256, "decode_steps": 8},
     "trial": {"timeout_s": 600.0, "worker_start_timeout_s": 600.0},
-    "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6},
+    # A winner must beat the default with `confidence` (bootstrap interval of the paired per-round ratios)
+    # and lose at most `max_trade` (a fraction) of the other phase; see study/significance.py.
+    "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6, "confidence": 0.95,
+                "max_trade": 0.0, "min_rounds": 3},
     "sampler": {"n_startup_trials": None, "population_size": None},
     # Every trial's continuation is scored (text metrics, perplexity under the canonical path) and judged:
     # `builtin` is an offline heuristic; `ollama` / `openai` call an LLM judge at judge_url; `none` skips it.
@@ -174,6 +178,8 @@ class ExperimentSpec:
         study; the model, device, workload, measuring, fidelity, objectives and search space may not.
         """
         d = self.to_dict()
+        if d["workload"].get("batch_size") == 1:  # studies from before batch_size existed decoded one sequence
+            del d["workload"]["batch_size"]
         return {
             "model": d["model"], "workload": d["workload"], "bench": d["bench"], "runtime": d["runtime"],
             "fidelity": d["fidelity"],
@@ -431,6 +437,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     _int(source, "[workload] new_tokens", workload["new_tokens"], 1)
     _int(source, "[workload] decode_context_len", workload["decode_context_len"], 1, allow_none=True)
     _int(source, "[workload] prompt_seed", workload["prompt_seed"], 0)
+    _int(source, "[workload] batch_size", workload["batch_size"], 1)
     for key in ("prompt", "prompt_file"):
         if workload[key] is not None and (not isinstance(workload[key], str) or not workload[key].strip()):
             raise _err(source, f"[workload] {key} must be a non-empty string (or left out)")
@@ -476,8 +483,15 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     # [trial], [confirm], [sampler]
     trial["timeout_s"] = _num(source, "[trial] timeout_s", trial["timeout_s"])
     trial["worker_start_timeout_s"] = _num(source, "[trial] worker_start_timeout_s", trial["worker_start_timeout_s"])
-    for key, low in (("top_k", 0), ("rounds", 1), ("repeats", 1), ("max_candidates", 1)):
+    for key, low in (("top_k", 0), ("rounds", 1), ("repeats", 1), ("max_candidates", 1), ("min_rounds", 2)):
         _int(source, f"[confirm] {key}", confirm[key], low)
+    confirm["confidence"] = _num(source, "[confirm] confidence", confirm["confidence"])
+    if not 0.5 <= confirm["confidence"] < 1.0:
+        raise _err(source, f"[confirm] confidence must be in 0.5..1 (e.g. 0.95), got {confirm['confidence']}")
+    confirm["max_trade"] = _num(source, "[confirm] max_trade", confirm["max_trade"], positive=False)
+    if not 0.0 <= confirm["max_trade"] < 1.0:
+        raise _err(source, f"[confirm] max_trade is the fraction of a phase a winner may lose, in 0..1 "
+                           f"(e.g. 0.05), got {confirm['max_trade']}")
     _int(source, "[sampler] n_startup_trials", sampler["n_startup_trials"], 0, allow_none=True)
     _int(source, "[sampler] population_size", sampler["population_size"], 2, allow_none=True)
 

@@ -56,6 +56,22 @@ def _metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return json_safe(out)
 
 
+def _check_winner(ctx: Mapping[str, Any], where: str) -> None:
+    """`winner` is optional; when present it is a bool, and "no winner" means the default, with a reason."""
+    if "winner" not in ctx:
+        return
+    winner = ctx["winner"]
+    if not isinstance(winner, bool):
+        raise UserError(f"{where}: winner must be true or false, got {winner!r}")
+    if winner:
+        return
+    reason = ctx.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        raise UserError(f"{where}: an entry without a winner needs a non-empty reason")
+    if ctx.get("is_default") is not True:
+        raise UserError(f"{where}: an entry without a winner keeps the default configuration (is_default true)")
+
+
 def build_best(contexts: Sequence[Mapping[str, Any]], provenance: Mapping[str, Any],
                runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Assemble a best.json document (schema `xlstm_tune.best/1`) and validate it.
@@ -64,7 +80,9 @@ def build_best(contexts: Sequence[Mapping[str, Any]], provenance: Mapping[str, A
 
     Each context: `context_len`, `knobs` (all seven; spellings normalised, `compile` ignored), `metrics`
     (Summary objects or `{"median", "p20", "p80", "cv"}` dicts or scalars), `fidelity`, and optionally
-    `trial_number` and `mlflow_run_id`. Provenance fields the caller leaves out that this process can
+    `trial_number` and `mlflow_run_id`. A confirmed entry also says `winner` (true: it beat the default
+    significantly; false: no candidate did and the entry is the default, `is_default` true, with a
+    non-empty `reason`). Provenance fields the caller leaves out that this process can
     know (`time`, `git_commit`, `os`, `torch_version`) are filled in; the rest must be given.
     Raises UserError naming the first problem.
     """
@@ -74,6 +92,7 @@ def build_best(contexts: Sequence[Mapping[str, Any]], provenance: Mapping[str, A
     for i, ctx in enumerate(contexts):
         where = f"context {ctx.get('context_len', i)!r}"
         knobs = _normalise_knobs(ctx.get("knobs"), where)
+        _check_winner(ctx, where)
         entry: dict[str, Any] = {
             "context_len": ctx.get("context_len"),
             "knobs": knobs,
