@@ -51,8 +51,12 @@ def test_env_form_round_trips() -> None:
     assert back == s
 
 
-def test_default_threads_follow_the_device() -> None:
+def test_default_threads_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert default_threads("cpu") == physical_cpus() <= available_cpus()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a fleet's share of the cores caps the default
+    assert default_threads("cpu") == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
     assert default_threads("cpu", concurrent=physical_cpus() * 4) == 1  # never below one
     assert 1 <= default_threads("cuda") <= 4 and 1 <= default_threads("mps") <= 4
 
