@@ -859,16 +859,6 @@ class StudyRun:
             return dict(info["runtime"])
         return (self.previous_meta or {}).get("runtime")
 
-    def _busy_note(self) -> str | None:
-        """A warning when figures were taken on a busy machine (bench/load.py), else None."""
-        busy = sorted(n for n, r in self.records.items() if r.get("busy_machine"))
-        if not busy:
-            return None
-        return (f"warning: {len(busy)} trial(s) were measured on a busy machine (other processes took more than "
-                f"{self.spec.bench['max_other_cpu']:.0%} of the CPUs after re-measuring): trials {busy[:10]}"
-                f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine, re-run on an idle "
-                f"machine to trust them")
-
     def _prompt_text(self) -> str | None:
         """The text the saved continuations follow (the decode prompt, decoded by the model's tokenizer)."""
         info = getattr(self, "evaluator", None) and self.evaluator.info
@@ -1046,10 +1036,21 @@ class StudyRun:
             "confirmation": data["summary"] if data else None,
             "confirm_note": note,
             "no_best_reason": reason,
-            "notes": self.notes + [n for n in (self._busy_note(),) if n],
+            "notes": self.notes + [n for n in (busy_note(self.records.values(), self.spec.bench["max_other_cpu"]),) if n],
             "paths": self.paths(),
             "hints": hints,
         })
+
+
+def busy_note(records: Any, max_other_cpu: float) -> str | None:
+    """The summary's warning when trials were measured on a busy machine (bench/load.py), else None."""
+    busy = sorted(r["number"] for r in records if r.get("busy_machine"))
+    if not busy:
+        return None
+    return (f"warning: {len(busy)} trial(s) were measured on a busy machine (other processes took more than "
+            f"{max_other_cpu:.0%} of the CPUs, also when re-measured): trials {busy[:10]}"
+            f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine: re-run on an idle "
+            f"machine to trust them")
 
 
 def _outcome_from_record(rec: Mapping[str, Any]) -> dict[str, Any]:
