@@ -129,11 +129,15 @@ def worker_command(options: dict[str, Any]) -> list[str]:
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGINT to the worker's process group (it re-queues its trial), then SIGKILL after `grace_s`."""
+    """SIGINT to the worker (it re-queues its trial and stops its trial process), then SIGKILL to its group.
+
+    Only the worker itself gets the SIGINT: its trial process must not die first, or the trial would be
+    recorded as a crash instead of an interruption.
+    """
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
