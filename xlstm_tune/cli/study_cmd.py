@@ -13,8 +13,10 @@ from xlstm_tune.cli.common import (
     add_knob_flags,
     add_model_flags,
     add_prompt_flags,
+    add_runtime_flags,
     knob_lists,
     positive,
+    runtime_flags,
     prefill_lengths,
 )
 from xlstm_tune.errors import UserError
@@ -36,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="kill a trial running longer than this (failure reason `timeout`)")
     g.add_argument("--sampler", "--mode", dest="sampler", default=None, metavar="NAME",
                    help="tpe (default), ga (NSGA-II), random, grid, gp or cmaes")
-    g.add_argument("--seed", type=int, default=None, help="sampler seed")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="sampler seed")
     g.add_argument("--objective", dest="objectives", action="append", default=None, metavar="NAME",
                    help="optimise this objective (repeat for a Pareto study): prefill_tok_s, decode_tok_s, "
                         "prefill_tok_s_ctx<L>")
@@ -61,8 +63,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="run trials and stop: no confirmation round, best.json or report (a plain `study` "
                         "of the same storage does them once the workers are done)")
     add_model_flags(p)
-    add_prompt_flags(p, new_tokens_flag="--new-tokens")
+    add_prompt_flags(p)
     add_knob_flags(p, multi=True, best=False)
+    add_runtime_flags(p, best=False)
     p.set_defaults(func=run)
     return p
 
@@ -94,6 +97,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         repeats=args.repeats, prompt=args.prompt, prompt_file=args.prompt_file, knobs=knob_lists(args),
         trial_timeout=args.trial_timeout, objectives=objectives, progress=args.progress, argv=list(sys.argv),
         devices=args.devices, ray_address=args.ray_address, trials_only=args.trials_only,
+        config=args.config, runtime=runtime_flags(args),
     )
 
 

@@ -394,7 +394,7 @@ def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
 
 
 def fused_decode_kernels(device: str | torch.device) -> ModuleType | None:
-    """The fused batch-1 decode kernels (`kernels.decode_triton`) for this device, or None.
+    """The fused decode kernels (batch 1..16) (`kernels.decode_triton`) for this device, or None.
 
     CUDA with Triton gets them (`decode_mode=graph` captures a step built on them);
     XLSTM_FUSED_DECODE=0 turns them off (A/B measurements, debugging).
@@ -484,3 +484,54 @@ def device_summary(device: str | torch.device) -> dict[str, str]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
+
+
+# ---- threads and machine load ----------------------------------------------------------------------
+def available_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(psutil.Process().cpu_affinity()))
+    except (AttributeError, NotImplementedError, psutil.Error, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def physical_cpus() -> int:
+    """Physical cores among the CPUs this process may use (hyper-threads share a core's math units)."""
+    logical_total = psutil.cpu_count(logical=True) or available_cpus()
+    physical_total = psutil.cpu_count(logical=False) or logical_total
+    return max(1, available_cpus() * physical_total // logical_total)
+
+
+def default_threads(device: str | torch.device, concurrent: int = 1) -> int:
+    """torch's intra-op thread count for measurements on `device`.
+
+    CPU: the physical cores this process may use, shared among `concurrent` measuring processes (more
+    threads than cores only adds contention, the main source of noise on a busy machine). CUDA/MPS: the
+    host threads only launch kernels and run small CPU ops, so a few are enough.
+    """
+    dev = _as_device(device)
+    if dev.type == "cpu":
+        return max(1, physical_cpus() // max(1, int(concurrent)))
+    return max(1, min(4, available_cpus()))
+
+
+def default_interop_threads(device: str | torch.device) -> int:
+    """torch's inter-op thread count: 1 on every device; the queued backend runs its own thread pool."""
+    _as_device(device)
+    return 1
+
+
+def accelerator_load(device: str | torch.device) -> dict[str, Any]:
+    """GPU utilisation and clocks where they can be read (CUDA through NVML), else {}; never raises."""
+    dev = _as_device(device)
+    if dev.type != "cuda":
+        return {}
+    out: dict[str, Any] = {}
+    for key, name in (("gpu_util_pct", "utilization"), ("gpu_mem_util_pct", "memory_usage"),
+                      ("gpu_clock_mhz", "clock_rate"), ("gpu_temperature_c", "temperature"),
+                      ("gpu_power_mw", "power_draw")):
+        try:
+            out[key] = float(getattr(torch.cuda, name)(dev))
+        except Exception:  # noqa: BLE001 - NVML absent, no permission, an old driver: simply not readable
+            continue
+    return out

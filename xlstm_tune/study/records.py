@@ -90,7 +90,7 @@ def build_record(
     if traceback:
         rec["traceback"] = traceback[-4000:]
     for k in ("flags", "stats", "outputs", "duration_s", "worker_pid", "peak_mem_mb", "duplicate_of",
-              "replayed_from"):
+              "replayed_from", "runtime"):
         if k in outcome and outcome[k] not in (None, [], {}):
             rec[k] = outcome[k]
     for k, v in (extra or {}).items():

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 from urllib.parse import urlparse
 
 from xlstm_tune import __version__
-from xlstm_tune.errors import UserError
+from xlstm_tune.errors import UserError, storage_fault
 from xlstm_tune.runtime.best_file import write_json_atomic
 from xlstm_tune.study import confirm as confirm_mod
 from xlstm_tune.study.export import confirm_path, read_confirm
@@ -92,6 +92,8 @@ class StudyOptions:
     devices: list[str] | None = None  # one trial worker process per entry (study.fleet)
     ray_address: str | None = None  # trial workers on a Ray cluster (study.fleet)
     trials_only: bool = False  # a fleet worker: run trials, leave confirmation and wrap-up to the launcher
+    config: str | None = None  # runtime configuration file: settings as flags, its knobs measured first
+    runtime: dict[str, Any] = field(default_factory=dict)  # threads, interop_threads, tf32_cell, ... flags
 
 
 @dataclass
@@ -260,7 +262,7 @@ class StudyRun:
             spec, study_name=o.study_name, n_trials=o.n_trials, sampler=o.sampler, seed=o.seed, timeout=o.timeout,
             trial_timeout=o.trial_timeout, model=o.model, device=o.device, dtype=o.dtype, compile=o.compile,
             context_lens=o.context_lens, new_tokens=o.new_tokens, repeats=o.repeats, objectives=o.objectives,
-            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs)
+            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, config=o.config, runtime=o.runtime)
         if self.src is not None and o.study_name is None:
             spec.study["name"] = f"{self.src.study_name}-replay-{spec.study['sampler']}-s{spec.study['seed']}"
         self.name = check_study_name(spec.name)
@@ -384,8 +386,10 @@ class StudyRun:
             "compile": s.model["compile"], "model_seed": s.model["seed"],
             "context_lens": s.context_lens, "new_tokens": s.workload["new_tokens"],
             "decode_context_len": s.workload["decode_context_len"],
+            "batch_size": s.workload["batch_size"],
             "prompt_text": self.prompt.text, "prompt_origin": self.prompt.origin, "prompt_seed": self.prompt.seed,
             "bench": dict(s.bench),
+            "runtime": dict(s.runtime),
             "fidelity": {"rel_tol": s.rel_tol(), "min_greedy_agreement": s.fidelity["min_greedy_agreement"],
                          "prompt_len": s.fidelity["prompt_len"], "decode_steps": s.fidelity["decode_steps"]},
             "reference_path": str(self.files.root / "reference" / "reference.pt"),
@@ -470,6 +474,8 @@ class StudyRun:
             if best:
                 self.tracker.log_parent_metrics(best, step=rec["number"])
         except Exception as exc:  # the study's own record is safe; MLflow is filled in on the next run
+            if storage_fault(exc):
+                raise  # a full or read-only disk: stop the study (the CLI says so in one line)
             if not self._mlflow_warned:
                 self.err.write(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); "
                                f"the trial is recorded in trials.jsonl and will be logged on the next run\n")
@@ -502,6 +508,7 @@ class StudyRun:
             if n in self.run_ids:
                 rec["mlflow_run_id"] = self.run_ids[n]
             rec.pop("traceback", None)
+            rec["sampled_params"] = rec.pop("params", None)  # the sampler's raw values; the knob columns ran
             rows.append(rec)
         self.files.write_summary_csv(rows)
 
@@ -728,12 +735,12 @@ class StudyRun:
         cands = confirm_mod.select_candidates(records, confirm_mod.criteria(self.objectives, lens), c["top_k"],
                                               c["max_candidates"], default["key"])
         replay = self.src is not None
-        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"]) + f";mode={mode};replay={replay}"
+        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"], rule=c) + f";mode={mode};replay={replay}"
         existing = read_confirm(self.files)
         if existing is not None and existing.get("signature") == sig:
             return existing
         if replay:
-            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens)
+            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens, rule=c)
         else:
             configs = [{"key": e["key"], "knobs": e["knobs"]} for e in [default, *cands]]
             self.err.write(f"Confirmation round: {len(cands)} candidate(s) against the default, "
@@ -748,7 +755,7 @@ class StudyRun:
                     self.notes.append(f"confirmation round attempt {attempt} failed ({f.reason}: {f.message})")
             if raw is None:
                 return None
-            summary = confirm_mod.summarize_round(raw, default, cands, lens)
+            summary = confirm_mod.summarize_round(raw, default, cands, lens, rule=c)
         base = summary["configs"][0]
         if mode == "balanced" and (base.get("error") or not base.get("decode")):
             mode = "prefill"
@@ -826,6 +833,7 @@ class StudyRun:
             "model_info": self.model_info,
             "capabilities": self.caps,
             "device_summary": self.device_summary,
+            "runtime": self._runtime_in_force(),
             "prompt": self._prompt_text(),
             "prompt_source": self.prompt.describe(),
             "storage": self.storage_label,
@@ -843,6 +851,23 @@ class StudyRun:
             "sessions": sessions,
         }
         self.files.write_run_meta(meta)
+
+    def _runtime_in_force(self) -> dict[str, Any] | None:
+        """The worker's settings (compile, dtype, threads, CUDA switches) as it measured with them."""
+        info = getattr(self, "evaluator", None) and self.evaluator.info
+        if info and info.get("runtime"):
+            return dict(info["runtime"])
+        return (self.previous_meta or {}).get("runtime")
+
+    def _busy_note(self) -> str | None:
+        """A warning when figures were taken on a busy machine (bench/load.py), else None."""
+        busy = sorted(n for n, r in self.records.items() if r.get("busy_machine"))
+        if not busy:
+            return None
+        return (f"warning: {len(busy)} trial(s) were measured on a busy machine (other processes took more than "
+                f"{self.spec.bench['max_other_cpu']:.0%} of the CPUs after re-measuring): trials {busy[:10]}"
+                f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine, re-run on an idle "
+                f"machine to trust them")
 
     def _prompt_text(self) -> str | None:
         """The text the saved continuations follow (the decode prompt, decoded by the model's tokenizer)."""
@@ -970,6 +995,8 @@ class StudyRun:
                                 self.files.best_path, confirm_path(self.files)) if p.is_file()]
             self.tracker.log_parent_artifacts(arts)
         except Exception as exc:  # noqa: BLE001
+            if storage_fault(exc):
+                raise
             self.err.write(f"warning: MLflow parent run update failed: {exc}\n")
 
     def _plots_and_report(self, contexts: list[dict[str, Any]]) -> None:
@@ -982,10 +1009,12 @@ class StudyRun:
             if outcome.notes:
                 self.notes.extend(n for n in outcome.notes if not n.startswith("MLflow:"))
         except Exception as exc:  # noqa: BLE001 - a plotting problem must not cost the measured study
+            if storage_fault(exc):
+                raise
             self.err.write(f"warning: plots/report not written: {exc}\n")
 
     def _render(self, contexts: list[dict[str, Any]], data: Mapping[str, Any] | None) -> str:
-        default = dict(data["summary"]["configs"][0], knobs=self.space.default_knobs()) if data else None
+        default = data["summary"]["configs"][0] if data else None  # its knobs are the canonical ones
         if data is None:
             note = None
         elif data.get("replay"):
@@ -1016,9 +1045,10 @@ class StudyRun:
             "records": [self.records[n] for n in sorted(self.records)],
             "contexts": contexts,
             "default": default,
+            "confirmation": data["summary"] if data else None,
             "confirm_note": note,
             "no_best_reason": reason,
-            "notes": self.notes,
+            "notes": self.notes + [n for n in (self._busy_note(),) if n],
             "paths": self.paths(),
             "hints": hints,
         })

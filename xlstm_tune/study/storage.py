@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from xlstm_tune.errors import UserError
+from xlstm_tune.study.journal_check import check_journal
 
 JOURNAL_NAME = "optuna.journal"
 _DB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "cockroachdb")
@@ -62,6 +63,7 @@ def open_storage(url: str | None, out_dir: str | Path) -> Any:
         path = default_journal_path(out_dir) if url is None else Path(url.removeprefix("journal:"))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            check_journal(path, out_dir)  # a torn tail is repaired, real damage refused (journal_check)
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as exc:
             raise UserError(f"cannot open the Optuna journal {path}: {exc.strerror or exc}: "
