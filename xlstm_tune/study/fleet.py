@@ -248,38 +248,10 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
 
 # ---- worker processes on a Ray cluster --------------------------------------------------------------
 def ray_init(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> Any:
-    """Connect to a running Ray cluster, or a one-line UserError after `timeout_s` (ray.init has no timeout)."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray-address needs Ray: pip install 'ray[default]'") from None
-    done = threading.Event()
-    outcome: dict[str, BaseException] = {}
+    """Connect to a running Ray cluster, or a one-line UserError (also after `timeout_s`)."""
+    from xlstm_tune.runtime.ray_scheduler import join_cluster
 
-    def connect() -> None:
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcome["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=connect, name="ray-connect", daemon=True).start()
-    if not done.wait(timeout_s):
-        raise UserError(f"no Ray cluster answered at {address} within {timeout_s:g} s: start one "
-                        f"(ray start --head) or fix --ray-address")
-    if "error" in outcome:
-        exc = outcome["error"]
-        chain = [exc]
-        while chain[-1].__cause__ is not None and len(chain) < 8:
-            chain.append(chain[-1].__cause__)
-        if any("AuthToken" in str(e) or type(e).__name__ == "AuthenticationError" for e in chain):
-            raise UserError(f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
-                            f"and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"cannot join the Ray cluster at {address} ({type(exc).__name__}: {first}): "
-                        f"start it (ray start --head) or fix --ray-address") from None
-    return ray
+    return join_cluster(address, "start it (ray start --head) or fix --ray-address", timeout_s)
 
 
 def _is_local(url: str | None) -> bool:
