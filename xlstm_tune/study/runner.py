@@ -906,10 +906,12 @@ class StudyRun:
             if self.opts.devices or self.opts.ray_address:
                 from xlstm_tune.study.fleet import run_fleet
 
-                self.fleet_report = run_fleet(self)
                 before = len(self.records)
-                self._reconcile()  # the workers' trials, and whatever a dead worker left RUNNING
-                self.new_trials += len(self.records) - before
+                try:
+                    self.fleet_report = run_fleet(self)
+                finally:  # every worker has stopped: their trials, and whatever one left RUNNING
+                    self._reconcile()
+                    self.new_trials += len(self.records) - before
             self._loop()
             if self.opts.trials_only:
                 self._final_files()
