@@ -34,6 +34,20 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+@pytest.fixture(scope="module")
+def private_ray(tmp_path_factory):
+    """The ray backend's private runtime in this process, with Ray's temp folder pointed at an empty one
+    of ours, so that no cluster anything else runs on this machine can be found; shut down at teardown."""
+    from xlstm_tune.runtime.ray_scheduler import shutdown_private_runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+        mp.setenv("XLSTM_RAY_LOCAL_MODE", "1")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield
+        shutdown_private_runtime()
+
+
 class Spawned:
     """Processes a test started, each the leader of its own process group (its workers go in it too)."""
 

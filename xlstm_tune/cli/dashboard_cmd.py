@@ -24,8 +24,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="mlruns", metavar="DIR", help="where `study` wrote its results (default: mlruns)")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL or .journal file (default: <out-dir>/optuna.journal)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", metavar="HOST", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, metavar="PORT", help="port (default 8080)")
     p.add_argument("--print-command", action="store_true", help="print the equivalent optuna-dashboard command and exit")
     p.set_defaults(func=run)
     return p

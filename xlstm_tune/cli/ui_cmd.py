@@ -24,8 +24,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", default="mlruns", metavar="DIR", help="where `study` wrote its results (default: mlruns)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow store (default: sqlite in --out-dir)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--host", default="127.0.0.1", metavar="HOST", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000, metavar="PORT", help="port (default 5000)")
     p.add_argument("--print-command", action="store_true", help="print the server command instead of running it")
     p.set_defaults(func=run)
     return p

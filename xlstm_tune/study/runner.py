@@ -89,6 +89,11 @@ class StudyOptions:
     objectives: list[str] | None = None
     progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
     argv: list[str] | None = None
+    devices: list[str] | None = None  # one trial worker process per entry (study.fleet)
+    ray_address: str | None = None  # trial workers on a Ray cluster (study.fleet)
+    trials_only: bool = False  # a fleet worker: run trials, leave confirmation and wrap-up to the launcher
+    config: str | None = None  # runtime configuration file: settings as flags, its knobs measured first
+    runtime: dict[str, Any] = field(default_factory=dict)  # threads, interop_threads, tf32_cell, ... flags
 
 
 @dataclass
@@ -257,7 +262,7 @@ class StudyRun:
             spec, study_name=o.study_name, n_trials=o.n_trials, sampler=o.sampler, seed=o.seed, timeout=o.timeout,
             trial_timeout=o.trial_timeout, model=o.model, device=o.device, dtype=o.dtype, compile=o.compile,
             context_lens=o.context_lens, new_tokens=o.new_tokens, repeats=o.repeats, objectives=o.objectives,
-            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs)
+            prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, config=o.config, runtime=o.runtime)
         if self.src is not None and o.study_name is None:
             spec.study["name"] = f"{self.src.study_name}-replay-{spec.study['sampler']}-s{spec.study['seed']}"
         self.name = check_study_name(spec.name)
@@ -324,7 +329,7 @@ class StudyRun:
         import optuna
 
         from xlstm_tune.study.samplers import make_sampler
-        from xlstm_tune.tracking.mlflow_log import StudyTracker, default_artifact_root
+        from xlstm_tune.tracking.mlflow_log import StudyTracker, comparison_columns, default_artifact_root
 
         self.files.ensure_dirs()
         sampler = make_sampler(self.sampler_name, seed=self.spec.study["seed"], n_objectives=len(self.objectives),
@@ -358,6 +363,8 @@ class StudyRun:
                       "sampler": self.sampler_name, "device": self.caps.get("device", ""),
                       "model": self.spec.model["name"], "replay": str(self.src is not None).lower(),
                       "mlflow.note.content": f"xlstm_tune study {self.name}: {self.spec.source}"})
+            self.comparison_route = self.tracker.save_comparison_view(
+                *comparison_columns(self.spec.context_lens, list(self.space.dims)))
         except UserError:
             raise
         except Exception as exc:
@@ -381,8 +388,10 @@ class StudyRun:
             "compile": s.model["compile"], "model_seed": s.model["seed"],
             "context_lens": s.context_lens, "new_tokens": s.workload["new_tokens"],
             "decode_context_len": s.workload["decode_context_len"],
+            "batch_size": s.workload["batch_size"],
             "prompt_text": self.prompt.text, "prompt_origin": self.prompt.origin, "prompt_seed": self.prompt.seed,
             "bench": dict(s.bench),
+            "runtime": dict(s.runtime),
             "fidelity": {"rel_tol": s.rel_tol(), "min_greedy_agreement": s.fidelity["min_greedy_agreement"],
                          "prompt_len": s.fidelity["prompt_len"], "decode_steps": s.fidelity["decode_steps"]},
             "reference_path": str(self.files.root / "reference" / "reference.pt"),
@@ -460,7 +469,8 @@ class StudyRun:
         try:
             run_id = self.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
                                             artifacts=artifacts,
-                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED")
+                                            status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED",
+                                            started_at=rec.get("started_at"), finished_at=rec.get("finished_at"))
             self.run_ids[rec["number"]] = run_id
             best = self._best_so_far()
             if best:
@@ -500,6 +510,7 @@ class StudyRun:
             if n in self.run_ids:
                 rec["mlflow_run_id"] = self.run_ids[n]
             rec.pop("traceback", None)
+            rec["sampled_params"] = rec.pop("params", None)  # the sampler's raw values; the knob columns ran
             rows.append(rec)
         self.files.write_summary_csv(rows)
 
@@ -528,6 +539,8 @@ class StudyRun:
         on_file = dict(self.records)
         for t in self.study.get_trials(deepcopy=False):
             rec = on_file.get(t.number)
+            if t.state == TrialState.RUNNING and self.opts.trials_only:
+                continue  # another worker's trial; the launcher reconciles what dead workers left
             if t.state == TrialState.RUNNING:
                 trial = optuna.trial.Trial(self.study, t._trial_id)
                 if rec is not None and rec.get("state") in ("COMPLETE", "FAIL", "PRUNED"):
@@ -602,7 +615,7 @@ class StudyRun:
                                  "requeued_from": trial.user_attrs.get("requeued_from"),
                                  "is_default": None,
                                  "baseline": True if trial.user_attrs.get("baseline") else None,
-                                 "started_at": _now()}
+                                 "started_at": _now(), **_ran_by()}
         common = dict(params=params, compile=self.spec.model["compile"], objectives=self.objectives,
                       context_lens=self.spec.context_lens)
         reason = self.space.check(raw)
@@ -694,7 +707,7 @@ class StudyRun:
                     break
                 rec = self._run_trial()
                 if rec["state"] == "COMPLETE":
-                    completed += 1
+                    completed = self._completed()  # the study's total: other processes may share it
                     unrunnable = 0
                 elif rec["state"] == "PRUNED":
                     unrunnable += 1
@@ -724,12 +737,12 @@ class StudyRun:
         cands = confirm_mod.select_candidates(records, confirm_mod.criteria(self.objectives, lens), c["top_k"],
                                               c["max_candidates"], default["key"])
         replay = self.src is not None
-        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"]) + f";mode={mode};replay={replay}"
+        sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"], rule=c) + f";mode={mode};replay={replay}"
         existing = read_confirm(self.files)
         if existing is not None and existing.get("signature") == sig:
             return existing
         if replay:
-            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens)
+            summary = confirm_mod.replay_round(self.evaluator.records_by_key(), default, cands, lens, rule=c)
         else:
             configs = [{"key": e["key"], "knobs": e["knobs"]} for e in [default, *cands]]
             self.err.write(f"Confirmation round: {len(cands)} candidate(s) against the default, "
@@ -744,7 +757,7 @@ class StudyRun:
                     self.notes.append(f"confirmation round attempt {attempt} failed ({f.reason}: {f.message})")
             if raw is None:
                 return None
-            summary = confirm_mod.summarize_round(raw, default, cands, lens)
+            summary = confirm_mod.summarize_round(raw, default, cands, lens, rule=c)
         base = summary["configs"][0]
         if mode == "balanced" and (base.get("error") or not base.get("decode")):
             mode = "prefill"
@@ -822,6 +835,7 @@ class StudyRun:
             "model_info": self.model_info,
             "capabilities": self.caps,
             "device_summary": self.device_summary,
+            "runtime": self._runtime_in_force(),
             "prompt": self._prompt_text(),
             "prompt_source": self.prompt.describe(),
             "storage": self.storage_label,
@@ -839,6 +853,23 @@ class StudyRun:
             "sessions": sessions,
         }
         self.files.write_run_meta(meta)
+
+    def _runtime_in_force(self) -> dict[str, Any] | None:
+        """The worker's settings (compile, dtype, threads, CUDA switches) as it measured with them."""
+        info = getattr(self, "evaluator", None) and self.evaluator.info
+        if info and info.get("runtime"):
+            return dict(info["runtime"])
+        return (self.previous_meta or {}).get("runtime")
+
+    def _busy_note(self) -> str | None:
+        """A warning when figures were taken on a busy machine (bench/load.py), else None."""
+        busy = sorted(n for n, r in self.records.items() if r.get("busy_machine"))
+        if not busy:
+            return None
+        return (f"warning: {len(busy)} trial(s) were measured on a busy machine (other processes took more than "
+                f"{self.spec.bench['max_other_cpu']:.0%} of the CPUs after re-measuring): trials {busy[:10]}"
+                f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine, re-run on an idle "
+                f"machine to trust them")
 
     def _prompt_text(self) -> str | None:
         """The text the saved continuations follow (the decode prompt, decoded by the model's tokenizer)."""
@@ -884,7 +915,19 @@ class StudyRun:
                                       "confirmation round only")
                 for params in self.enqueued:  # a fresh study only: a resumed one has them in its storage
                     self.study.enqueue_trial(params, user_attrs={"enqueued": True})
+            if self.opts.devices or self.opts.ray_address:
+                from xlstm_tune.study.fleet import run_fleet
+
+                self.fleet_report = run_fleet(self)
+                before = len(self.records)
+                self._reconcile()  # the workers' trials, and whatever a dead worker left RUNNING
+                self.new_trials += len(self.records) - before
             self._loop()
+            if self.opts.trials_only:
+                self._final_files()
+                self._write_meta()
+                return StudyResult(self.name, self._completed(), [self.records[n] for n in sorted(self.records)],
+                                   [], self.paths(), None, self.new_trials, "")
             data = self._confirm()
             contexts = list(data["contexts"]) if data else []
             best_path = None
@@ -912,7 +955,8 @@ class StudyRun:
             try:
                 self.evaluator.close()
             finally:
-                if self.tracker is not None and self.tracker.parent_run_id is not None:
+                if self.tracker is not None and self.tracker.parent_run_id is not None \
+                        and not self.opts.trials_only:  # a fleet's parent run is the launcher's to end
                     try:
                         self.tracker.end_parent(status)
                     except Exception:  # noqa: BLE001
@@ -970,7 +1014,7 @@ class StudyRun:
             self.err.write(f"warning: plots/report not written: {exc}\n")
 
     def _render(self, contexts: list[dict[str, Any]], data: Mapping[str, Any] | None) -> str:
-        default = dict(data["summary"]["configs"][0], knobs=self.space.default_knobs()) if data else None
+        default = data["summary"]["configs"][0] if data else None  # its knobs are the canonical ones
         if data is None:
             note = None
         elif data.get("replay"):
@@ -985,6 +1029,10 @@ class StudyRun:
             "",
             f"Compare runs:   python -m xlstm_tune ui --out-dir {self.out_dir}" + (
                 f" --tracking-uri {self.opts.tracking_uri}" if self.opts.tracking_uri else ""),
+        ]
+        if getattr(self, "comparison_route", None):
+            hints.append(f"                then open http://127.0.0.1:5000/{self.comparison_route} (the trials side by side)")
+        hints += [
             f"Study history:  python -m xlstm_tune dashboard --out-dir {self.out_dir}" + (
                 f" --storage {self.opts.storage}" if self.opts.storage else ""),
         ]
@@ -997,9 +1045,10 @@ class StudyRun:
             "records": [self.records[n] for n in sorted(self.records)],
             "contexts": contexts,
             "default": default,
+            "confirmation": data["summary"] if data else None,
             "confirm_note": note,
             "no_best_reason": reason,
-            "notes": self.notes,
+            "notes": self.notes + [n for n in (self._busy_note(),) if n],
             "paths": self.paths(),
             "hints": hints,
         })
@@ -1028,6 +1077,12 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
             if a.get(k) != b.get(k):
                 return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
     return f"{path}: was {a!r}, now {b!r}"
+
+
+def _ran_by() -> dict[str, Any]:
+    """Which process ran a trial: host, pid and (in a fleet) the worker's label, for the record."""
+    return {"study_host": socket.gethostname(), "study_pid": os.getpid(),
+            "fleet_worker": os.environ.get("XLSTM_TUNE_FLEET_WORKER") or None}
 
 
 def _now() -> str:
