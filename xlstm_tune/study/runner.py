@@ -368,6 +368,8 @@ class StudyRun:
         except UserError:
             raise
         except Exception as exc:
+            if storage_fault(exc):
+                raise  # a read-only or full disk: the CLI names it in one line
             raise UserError(f"cannot use the MLflow store {self.tracking_uri} ({type(exc).__name__}: "
                             f"{(str(exc).splitlines() or [''])[0][:200]}): check --tracking-uri") from None
 
