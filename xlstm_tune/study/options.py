@@ -1,0 +1,48 @@
+"""The study command's inputs and outputs: `StudyOptions` in, `StudyResult` out (see study.runner)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StudyOptions:
+    """Everything `python -m xlstm_tune study` accepts; None means "as the spec says"."""
+
+    experiment: str | None = None
+    study_name: str | None = None
+    n_trials: int | None = None
+    timeout: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    storage: str | None = None
+    tracking_uri: str | None = None
+    out_dir: str = "mlruns"
+    replay: str | None = None
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    compile: bool | None = None
+    context_lens: list[int] | None = None
+    new_tokens: int | None = None
+    repeats: int | None = None
+    prompt: str | None = None
+    prompt_file: str | None = None
+    knobs: dict[str, list[Any]] = field(default_factory=dict)
+    trial_timeout: float | None = None
+    objectives: list[str] | None = None
+    progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
+    argv: list[str] | None = None
+
+
+@dataclass
+class StudyResult:
+    study_name: str
+    completed: int
+    records: list[dict[str, Any]]
+    contexts: list[dict[str, Any]]
+    paths: dict[str, str]
+    best_path: Path | None
+    new_trials: int
+    summary_text: str
