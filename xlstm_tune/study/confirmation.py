@@ -4,7 +4,6 @@ and MLflow runs. A round with the same signature already on file is reused, not 
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -70,36 +69,23 @@ def run_confirmation(s: StudySession) -> dict[str, Any] | None:
 
 
 def apply_confirmation(s: StudySession, data: Mapping[str, Any]) -> None:
-    """Confirmed figures and speed-ups onto the confirmed trials' records and MLflow runs."""
-    lens = s.plan.spec.context_lens
-    for e in data["summary"]["configs"]:
-        extra: dict[str, Any] = {"confirmed": True, "confirm_role": e["role"]}
-        for n in lens:
-            st = e["prefill"].get(str(n))
-            if st:
-                extra[f"confirm_prefill_tok_s_ctx{n}"] = st["median"]
-            if e["speedup_prefill"].get(str(n)) is not None:
-                extra[f"speedup_prefill_ctx{n}"] = e["speedup_prefill"][str(n)]
-        if e.get("decode"):
-            extra["confirm_decode_tok_s"] = e["decode"]["median"]
-        if e.get("speedup_decode") is not None:
-            extra["speedup_decode"] = e["speedup_decode"]
-        pre = [v for v in e["speedup_prefill"].values() if v]
-        extra["speedup_vs_default"] = {
-            "prefill_tok_s": math.exp(sum(math.log(v) for v in pre) / len(pre)) if pre else None,
-            "decode_tok_s": e.get("speedup_decode")}
-        for n in e.get("trials", []):
-            if n in s.records:
-                s.records[n].update(extra)
-                run_id = s.run_ids.get(n)
-                if run_id:
-                    try:
-                        from mlflow.entities import Metric
+    """Confirmed figures and speed-ups onto the confirmed trials' records and MLflow runs (the files
+    get them from the saved round: study.views)."""
+    from xlstm_tune.study.views import confirmation_extras
 
-                        now = int(time.time() * 1000)
-                        s.tracker.client.log_batch(run_id, metrics=[
-                            Metric(k, float(v), now, 0) for k, v in extra.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)])
-                        s.tracker.client.set_tag(run_id, "confirmed", "true")
-                    except Exception:  # noqa: BLE001 - the files hold it either way
-                        pass
+    for n, extra in confirmation_extras(data, s.plan.spec.context_lens).items():
+        if n not in s.records:
+            continue
+        s.records[n].update(extra)
+        run_id = s.run_ids.get(n)
+        if run_id:
+            try:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                s.tracker.client.log_batch(run_id, metrics=[
+                    Metric(k, float(v), now, 0) for k, v in extra.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)])
+                s.tracker.client.set_tag(run_id, "confirmed", "true")
+            except Exception:  # noqa: BLE001 - the files hold it either way
+                pass

@@ -34,6 +34,9 @@ class StudyOptions:
     objectives: list[str] | None = None
     progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
     argv: list[str] | None = None
+    heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
+    grace_period: int = 60  # seconds without a heartbeat after which another process reclaims a trial
+    rebuild_views: bool = False  # rewrite trials.jsonl, summary.csv and MLflow runs from the storage, measure nothing
 
 
 @dataclass

@@ -1,83 +1,70 @@
-"""Reconcile a study left by a killed process, before this process asks for a trial.
+"""Reconciling trials: a process finishes the trials it owns, and the trials of processes that died.
 
-A trial left RUNNING whose result reached trials.jsonl is finished from that record (nothing is measured
-twice); one without a result is marked FAIL (`interrupted`) and its settings are re-queued. Every
-finished trial gets its trials.jsonl line and its MLflow child run if it lacks them.
+Run under the storage mutex (study.slots) before every ask, so processes never reconcile the same trial
+twice. A RUNNING trial of a dead owner (study.liveness: gone from this host, or no heartbeat within the
+grace period) is
+
+- finished from its record when the record reached the storage before its owner died (nothing is
+  measured twice), or
+- marked FAIL (`interrupted`) and re-queued exactly once (Optuna's RetryHeartbeatStaleTrialCallback,
+  `max_retry=1`): only the process whose state change succeeds re-queues it and logs its MLflow run.
+
+A trial RUNNING in a live process is never touched.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from xlstm_tune.study.records import build_record
-from xlstm_tune.study.recording import log_mlflow, set_attrs, tell, write_summary_csv
+from xlstm_tune.study.liveness import OWNER_ATTR, owner_dead_here, stale_trial_ids
+from xlstm_tune.study.recording import log_mlflow, set_attrs, tell
 from xlstm_tune.study.session import StudySession
-from xlstm_tune.study.space import knob_key
-
-
-def interrupted_record(s: StudySession, t: Any) -> dict[str, Any]:
-    """The FAIL record of a trial whose process stopped while it ran."""
-    p = s.plan
-    knobs = p.space.knobs_from_params(t.params)
-    try:
-        knobs = p.space.canonical(knobs)
-    except Exception:  # noqa: BLE001 - a partial param set; keep what we have
-        pass
-    return build_record(
-        t.number, state="FAIL", params=t.params, knobs=knobs, compile=p.spec.model["compile"],
-        key=knob_key(knobs), failure_reason="interrupted",
-        error="the study process stopped while this trial ran; its settings were re-queued",
-        error_type="Interrupted", objectives=p.objectives, context_lens=p.spec.context_lens,
-    )
+from xlstm_tune.study.views import interrupted_record, record_of, stored_record
 
 
 def requeue(s: StudySession, t: Any) -> None:
-    """Enqueue a trial's params again unless an identical one is already waiting."""
+    """Enqueue a trial's params again (this process's own trial, stopped by Ctrl-C) unless an identical
+    one is already waiting."""
     from optuna.trial import TrialState
 
     if not t.params:
         return
     for w in s.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if w.system_attrs.get("fixed_params") == t.params:
+        if w.system_attrs.get("fixed_params") == t.params or w.params == t.params:
             return
     s.study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
 
 
-def reconcile(s: StudySession) -> None:
+def reap_stale(s: StudySession) -> list[int]:
+    """Finish or fail the RUNNING trials of dead processes; returns their numbers. Call under the mutex."""
     import optuna
     from optuna.trial import TrialState
 
-    files = s.plan.files
-    for rec in files.read_trials():
-        s.remember(rec)
-    on_file = dict(s.records)
-    for t in s.study.get_trials(deepcopy=False):
-        rec = on_file.get(t.number)
-        if t.state == TrialState.RUNNING:
-            trial = optuna.trial.Trial(s.study, t._trial_id)
-            if rec is not None and rec.get("state") in ("COMPLETE", "FAIL", "PRUNED"):
-                set_attrs(s, t._trial_id, rec)  # measured and recorded, never told: finish it
-                tell(s, trial, rec)
-                s.notes.append(f"trial {t.number} was measured before the last run stopped: finished from its record")
+    storage = s.study._storage
+    reaped = []
+    for trial_id in sorted(stale_trial_ids(s.study, s.policy, s.owner)):
+        t = storage.get_trial(trial_id)
+        if t.state != TrialState.RUNNING:
+            continue
+        rec = stored_record(t)
+        try:
+            if rec is not None:  # measured and recorded, never told: finish it from its record
+                set_attrs(s, trial_id, rec)
+                tell(s, t.number, rec)
+                s.notes.append(f"trial {t.number} was measured before its process stopped: finished from its record")
             else:
-                rec = interrupted_record(s, t)
-                files.append_trial(rec)
-                s.remember(rec)
-                set_attrs(s, t._trial_id, rec)
-                tell(s, trial, rec)
-                requeue(s, t)
-        elif t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED) and rec is None:
-            stored = t.user_attrs.get("record")
-            if isinstance(stored, dict) and stored.get("number") == t.number:
-                rec = dict(stored)
-            else:  # failed by Optuna itself (e.g. Ctrl-C inside tell): treat as interrupted
-                rec = interrupted_record(s, t)
-                rec["state"] = t.state.name
-                if t.state == TrialState.FAIL:
-                    requeue(s, t)
-            files.append_trial(rec)
-            s.remember(rec)
-    # MLflow: every finished trial has exactly one finished child run
-    finished = {n for n, r in s.records.items() if r.get("state") in ("COMPLETE", "FAIL", "PRUNED")}
+                if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+                s.retry(s.study, storage.get_trial(trial_id))
+                rec = interrupted_record(s.plan, t)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # finished meanwhile by its owner
+        reaped.append(t.number)
+        log_mlflow(s, rec)
+    return reaped
+
+
+def log_orphaned_runs(s: StudySession) -> None:
+    """MLflow child runs for finished trials whose owner died before logging them (under the mutex)."""
     try:
         runs = s.tracker.find_trial_runs()
     except Exception:  # noqa: BLE001
@@ -85,7 +72,19 @@ def reconcile(s: StudySession) -> None:
     for n, run in runs.items():
         if run.info.status in ("FINISHED", "FAILED"):
             s.run_ids[n] = run.info.run_id
-    for n in sorted(finished - set(s.run_ids)):
-        log_mlflow(s, s.records[n])
-    if s.records:
-        write_summary_csv(s)
+    for t in s.study.get_trials(deepcopy=False):
+        if t.number in s.run_ids or not t.state.is_finished():
+            continue
+        owner = t.system_attrs.get(OWNER_ATTR)
+        if owner is None or owner == s.owner or owner_dead_here(owner):
+            rec = record_of(s.plan, t)
+            if rec is not None:
+                log_mlflow(s, rec)
+
+
+def reconcile(s: StudySession) -> None:
+    """At start: reap the dead processes' trials and log the MLflow runs they left unlogged."""
+    with s.mutex:  # type: ignore[union-attr]
+        reap_stale(s)
+        log_orphaned_runs(s)
+    s.sync()

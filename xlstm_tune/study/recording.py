@@ -1,5 +1,6 @@
-"""Finishing a trial: its record goes to Optuna (user attributes, constraint, tell), then to the views
-(trials.jsonl, the MLflow child run, summary.csv). `finish_trial` is the one place a record is finished.
+"""Finishing a trial: its record goes to the Optuna storage first (user attributes, constraint, tell:
+the source of truth), then to the views (the MLflow child run, trials.jsonl, summary.csv; study.views).
+`finish_trial` is the one place a measured trial's record is finished.
 """
 from __future__ import annotations
 
@@ -63,16 +64,16 @@ def log_mlflow(s: StudySession, rec: dict[str, Any]) -> None:
         artifacts.append(err_file)
     try:
         run_id = s.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
-                                     artifacts=artifacts,
+                                     artifacts=[a for a in artifacts if a.exists()],
                                      status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED")
         s.run_ids[rec["number"]] = run_id
         best = best_so_far(s)
         if best:
             s.tracker.log_parent_metrics(best, step=rec["number"])
-    except Exception as exc:  # the study's own record is safe; MLflow is filled in on the next run
+    except Exception as exc:  # the storage holds the record; `study --rebuild-views` logs it later
         if not s.mlflow_warned:
-            s.err.write(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); "
-                        f"the trial is recorded in trials.jsonl and will be logged on the next run\n")
+            s.err.write(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); the trial is recorded in "
+                        f"the Optuna storage and is logged by the next run (or study --rebuild-views)\n")
             s.mlflow_warned = True
 
 
@@ -98,29 +99,39 @@ def best_text(s: StudySession) -> str:
     return ", ".join(parts) or "no feasible trial yet"
 
 
-def write_summary_csv(s: StudySession) -> None:
-    rows = []
-    for n in sorted(s.records):
-        rec = dict(s.records[n])
-        if n in s.run_ids:
-            rec["mlflow_run_id"] = s.run_ids[n]
-        rec.pop("traceback", None)
-        rows.append(rec)
-    s.plan.files.write_summary_csv(rows)
+def write_views(s: StudySession) -> None:
+    """trials.jsonl and summary.csv from the storage (study.views); this process's records become the
+    rows written (with confirmation figures and MLflow run ids)."""
+    from xlstm_tune.study.views import measured_by_key, write_file_views
+
+    rows = write_file_views(s.plan, s.study, s.run_ids)
+    s.records = {r["number"]: r for r in rows}
+    s.by_key = measured_by_key(s.records)
 
 
-def finish_trial(s: StudySession, trial: Any, rec: dict[str, Any]) -> None:
-    """The durable sequence for one finished trial: trials.jsonl (fsync) -> Optuna attrs + tell -> MLflow
-    child run -> summary.csv."""
+def finish_trial(s: StudySession, trial: Any, rec: dict[str, Any]) -> bool:
+    """Storage (record attrs, then tell) -> MLflow child run -> trials.jsonl and summary.csv.
+
+    False when another process finished the trial first (it judged this process dead: a heartbeat
+    later than the grace period); the result is then dropped and the trial is that process's to record."""
+    import optuna
+
     from xlstm_tune.study.wrapup import write_meta
 
-    s.plan.files.append_trial(rec)
-    s.remember(rec)
-    set_attrs(s, trial._trial_id, rec)
-    tell(s, trial, rec)
+    try:
+        set_attrs(s, trial._trial_id, rec)
+        tell(s, trial, rec)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+        if isinstance(exc, ValueError) and not s.storage.get_trial(trial._trial_id).state.is_finished():
+            raise
+        s.notes.append(f"trial {rec['number']} was finished by another process (this one missed its heartbeat "
+                       f"grace period): its result here is dropped")
+        return False
+    s.records[rec["number"]] = rec
     log_mlflow(s, rec)
-    write_summary_csv(s)
+    write_views(s)
     s.new_trials += 1
     if not s.meta_has_worker and getattr(s.evaluator, "info", None):
         s.meta_has_worker = True
         write_meta(s)  # now with the device summary and prompt the worker reported
+    return True

@@ -7,11 +7,13 @@ One call, in this order, each step in a module of its own:
 1. **Plan** (study.plan, no side effects): read the spec, probe the device and the model, resolve the
    search space, the objectives and the sampler, check the prompt, the storage URL and the tracking URI,
    and check that an existing study of the same name was measured the same way.
-2. **Open** (study.session): the Optuna storage (a journal under `--out-dir` by default), an exclusive
-   lock on the study directory, the MLflow experiment and the study's parent run.
-3. **Reconcile** (study.ownership) a study left by a killed process.
-4. **Trials** (study.trial_loop) until `n_trials` trials are COMPLETE in total: ask -> check -> measure ->
-   record (study.recording: Optuna user attrs + tell, trials.jsonl, MLflow child run, summary.csv).
+2. **Open** (study.session): the Optuna storage (a journal under `--out-dir` by default), the study (new,
+   or joined: any number of processes may work on one study), the MLflow experiment and parent run.
+3. **Reconcile** (study.ownership): the trials of processes that died (study.liveness) are finished from
+   their record or re-queued once; a process never touches a trial another live process runs.
+4. **Trials** (study.trial_loop) until the study holds `n_trials` COMPLETE trials in total (study.slots):
+   ask -> check -> measure -> record (study.recording: the Optuna storage first, the source of truth;
+   then its views, study.views: the MLflow child run, trials.jsonl, summary.csv).
 5. **Confirm** (study.confirmation) the top candidates against the default configuration, interleaved.
 6. **Wrap up** (study.wrapup): best.json, the final files, the parent run, plots, report.md, the summary.
 """
@@ -25,6 +27,8 @@ from xlstm_tune.study.options import StudyOptions, StudyResult
 from xlstm_tune.study.ownership import reconcile
 from xlstm_tune.study.plan import StudyPlan, effective_objectives, make_plan
 from xlstm_tune.study.session import StudySession, open_session
+from xlstm_tune.study.storage import FolderLock
+from xlstm_tune.study.views import write_file_views
 from xlstm_tune.study.trial_loop import run_loop
 from xlstm_tune.study.wrapup import (
     export_best,
@@ -41,21 +45,23 @@ __all__ = ["StudyOptions", "StudyResult", "StudyPlan", "StudySession", "WorkerEv
 
 
 def _seed_queue(s: StudySession) -> None:
-    """A fresh study measures the default configuration first, then the spec's [study] enqueue entries."""
+    """A fresh study measures the default configuration first, then the spec's [study] enqueue entries
+    (under the storage mutex: of processes starting together, one seeds the queue)."""
     p = s.plan
-    if s.study.trials:
-        return  # a resumed study has them in its storage
-    if p.sampler_name == "grid" and p.enqueued:
-        s.notes.append("[study] enqueue is not used with the grid sampler: it measures every configuration")
-        return
-    params = p.space.params_for(p.space.default_knobs())
-    if params is not None:
-        s.study.enqueue_trial(params, user_attrs={"baseline": True})
-    else:
-        s.notes.append("the default configuration is outside the search space: it is measured in the "
-                       "confirmation round only")
-    for params in p.enqueued:
-        s.study.enqueue_trial(params, user_attrs={"enqueued": True})
+    with s.mutex:  # type: ignore[union-attr]
+        if s.study.get_trials(deepcopy=False):
+            return  # a resumed or joined study has them in its storage
+        if p.sampler_name == "grid" and p.enqueued:
+            s.notes.append("[study] enqueue is not used with the grid sampler: it measures every configuration")
+            return
+        params = p.space.params_for(p.space.default_knobs())
+        if params is not None:
+            s.study.enqueue_trial(params, user_attrs={"baseline": True})
+        else:
+            s.notes.append("the default configuration is outside the search space: it is measured in the "
+                           "confirmation round only")
+        for params in p.enqueued:
+            s.study.enqueue_trial(params, user_attrs={"enqueued": True})
 
 
 def _run(s: StudySession) -> StudyResult:
@@ -63,17 +69,19 @@ def _run(s: StudySession) -> StudyResult:
     write_meta(s)
     _seed_queue(s)
     run_loop(s)
+    s.sync()
     data = run_confirmation(s)
     contexts = list(data["contexts"]) if data else []
     best_path = None
+    final_files(s)
     for ctx in contexts:
         ctx["mlflow_run_id"] = s.run_ids.get(ctx.get("trial_number")) or ctx.get("mlflow_run_id")
-    final_files(s)
     write_meta(s, final=True)
-    if contexts:
-        best_path = export_best(s)
+    with FolderLock(s.plan.files.root):  # processes sharing an --out-dir write these one at a time
+        if contexts:
+            best_path = export_best(s)
+        plots_and_report(s)
     parent_wrapup(s, contexts)
-    plots_and_report(s)
     text = summary_text(s, contexts, data)
     s.out.write(text + "\n")
     s.out.flush()
@@ -81,13 +89,38 @@ def _run(s: StudySession) -> StudyResult:
                        s.new_trials, text)
 
 
+def rebuild_views(s: StudySession) -> StudyResult:
+    """trials.jsonl, summary.csv and every missing MLflow child run, rebuilt from the storage alone."""
+    from xlstm_tune.study.recording import log_mlflow
+
+    s.sync()
+    with s.mutex:  # type: ignore[union-attr]
+        try:
+            runs = s.tracker.find_trial_runs()
+        except Exception:  # noqa: BLE001
+            runs = {}
+        s.run_ids.update({n: r.info.run_id for n, r in runs.items() if r.info.status in ("FINISHED", "FAILED")})
+        logged = [n for n in sorted(s.records) if n not in s.run_ids]
+        for n in logged:
+            log_mlflow(s, s.records[n])
+    rows = write_file_views(s.plan, s.study, s.run_ids)
+    text = (f"study {s.plan.name}: {len(rows)} finished trial(s) from {s.plan.storage_label} -> "
+            f"{s.plan.files.trials_path}, {s.plan.files.summary_path}; {len(logged)} MLflow child run(s) logged")
+    s.out.write(text + "\n")
+    s.out.flush()
+    return StudyResult(s.plan.name, s.completed(), s.sorted_records(), [], paths(s), None, 0, text)
+
+
 def run_study(opts: StudyOptions, out: TextIO | None = None, err: TextIO | None = None) -> StudyResult:
-    """Run (or resume) a study; see the module docstring."""
+    """Run (or resume, or join) a study; see the module docstring."""
     s = open_session(make_plan(opts), out, err)
-    s.evaluator = make_evaluator(s.plan)
     status = "FAILED"
     try:
-        result = _run(s)
+        if opts.rebuild_views:
+            result = rebuild_views(s)
+        else:
+            s.evaluator = make_evaluator(s.plan)
+            result = _run(s)
         status = "FINISHED"
         return result
     except KeyboardInterrupt:
@@ -95,12 +128,12 @@ def run_study(opts: StudyOptions, out: TextIO | None = None, err: TextIO | None 
         raise
     finally:
         try:
-            s.evaluator.close()
+            if s.evaluator is not None:
+                s.evaluator.close()
         finally:
             if s.tracker is not None and s.tracker.parent_run_id is not None:
                 try:
                     s.tracker.end_parent(status)
                 except Exception:  # noqa: BLE001
                     pass
-            if s.lock is not None:
-                s.lock.release()
+            s.close()

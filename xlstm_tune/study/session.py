@@ -1,18 +1,26 @@
-"""An opened study: the Optuna storage and study, the output-folder lock, the MLflow parent run, the
-evaluator, and this process's view of the trial records. Every later step works on a `StudySession`.
+"""An opened study: the Optuna storage and study, the MLflow parent run, the evaluator, and this
+process's identity as a trial owner. Every later step works on a `StudySession`.
+
+Opening refuses (one line, nothing written) a storage that does not hold the study this output folder
+recorded in run_meta.json (an emptied journal, another `--storage`), and a shared study that was
+started with other measurement settings.
 """
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from xlstm_tune import __version__
 from xlstm_tune.errors import UserError
-from xlstm_tune.study.plan import StudyPlan
-from xlstm_tune.study.records import measured
-from xlstm_tune.study.storage import StudyLock, open_storage
+from xlstm_tune.study.liveness import HeartbeatPolicy, this_owner
+from xlstm_tune.study.plan import StudyPlan, first_difference
+from xlstm_tune.study.storage import StorageMutex, open_storage, storage_identity
+
+STUDY_UID_ATTR = "xlstm_tune:study_uid"
+STUDY_IDENTITY_ATTR = "xlstm_tune:identity"
 
 
 @dataclass
@@ -20,13 +28,16 @@ class StudySession:
     plan: StudyPlan
     out: TextIO
     err: TextIO
+    owner: str = ""
+    policy: HeartbeatPolicy = field(default_factory=HeartbeatPolicy)
     storage: Any = None
     study: Any = None
-    lock: StudyLock | None = None
+    mutex: StorageMutex | None = None
+    retry: Any = None  # re-queues the trial of a dead process, once (RetryHeartbeatStaleTrialCallback)
     tracker: Any = None
     evaluator: Any = None
     parent_run_id: str | None = None
-    records: dict[int, dict[str, Any]] = field(default_factory=dict)
+    records: dict[int, dict[str, Any]] = field(default_factory=dict)  # a view of the storage (see sync)
     by_key: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_ids: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -42,11 +53,16 @@ class StudySession:
     def experiment_name(self) -> str:
         return f"xlstm_tune/{self.plan.name}"
 
-    def remember(self, rec: dict[str, Any]) -> None:
-        """Keep a finished trial's record; a measured one answers later trials of the same configuration."""
-        self.records[rec["number"]] = rec
-        if measured(rec) and rec.get("key"):
-            self.by_key.setdefault(rec["key"], rec)
+    @property
+    def study_uid(self) -> str | None:
+        return self.study.user_attrs.get(STUDY_UID_ATTR) if self.study is not None else None
+
+    def sync(self) -> None:
+        """Refresh the records and the measured configurations from the storage."""
+        from xlstm_tune.study.views import measured_by_key, records_from_storage
+
+        self.records = records_from_storage(self.plan, self.study)
+        self.by_key = measured_by_key(self.records)
 
     def sorted_records(self) -> list[dict[str, Any]]:
         return [self.records[n] for n in sorted(self.records)]
@@ -76,49 +92,118 @@ class StudySession:
             return prev["prompt"]
         return self.plan.prompt.text
 
+    def close(self) -> None:
+        if self.mutex is not None:
+            self.mutex.close()
+
 
 def open_session(plan: StudyPlan, out: TextIO | None = None, err: TextIO | None = None) -> StudySession:
-    """Open the storage, lock the study folder, create or load the Optuna study, start the MLflow parent."""
+    """Open the storage, create or join the Optuna study, start (or join) the MLflow parent run."""
     import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    s = StudySession(plan=plan, out=out or sys.stdout, err=err or sys.stderr, notes=list(plan.notes))
-    s.storage = open_storage(plan.opts.storage, plan.out_dir)
-    s.lock = StudyLock(plan.files.root, plan.name).acquire()
+    o = plan.opts
+    policy = HeartbeatPolicy(o.heartbeat_interval, o.grace_period)
+    s = StudySession(plan=plan, out=out or sys.stdout, err=err or sys.stderr, notes=list(plan.notes),
+                     owner=this_owner(), policy=policy)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        s.retry = RetryHeartbeatStaleTrialCallback(max_retry=1)
+    s.storage = open_storage(o.storage, plan.out_dir, heartbeat_interval=policy.interval_s,
+                             grace_period=policy.grace_s, stale_trial_callback=s.retry)
+    s.mutex = StorageMutex(o.storage, plan.out_dir, plan.name)
     try:
-        _open_study(s)
+        with s.mutex:
+            _open_study(s)
         _start_parent(s)
     except BaseException:
-        s.lock.release()
+        s.close()
         raise
     return s
 
 
+def _study_exists(storage: Any, name: str) -> bool:
+    import optuna
+
+    return name in optuna.get_all_study_names(storage)
+
+
+def _check_recorded_storage(s: StudySession, exists: bool) -> None:
+    """This output folder's run_meta.json names a study; the storage must hold that very study."""
+    p = s.plan
+    rec = (p.previous_meta or {}).get("storage_record")
+    if not isinstance(rec, Mapping) or not rec.get("study_uid"):
+        return
+    was = f"run_meta.json records it in {rec.get('identity')} with {len(rec.get('trials') or {})} finished trial(s)"
+    fix = "pass the --storage it was run with, or a new --study-name or --out-dir"
+    if not exists:
+        raise UserError(f"study {p.name!r} is not in the storage {p.storage_label} ({was}): {fix}")
+    if s.study_uid != rec["study_uid"]:
+        raise UserError(f"study {p.name!r} in {p.storage_label} is another study than this folder's ({was}): {fix}")
+    trials = {t.number: t for t in s.study.get_trials(deepcopy=False)}
+    for number, key in sorted((int(n), k) for n, k in (rec.get("trials") or {}).items()):
+        t = trials.get(number)
+        if t is None or not t.state.is_finished():
+            raise UserError(f"study {p.name!r} in {p.storage_label} lacks trial {number} ({was}): {fix}")
+        from xlstm_tune.study.views import record_of
+
+        now = record_of(p, t)
+        if now is not None and key and now.get("key") != key:
+            raise UserError(f"study {p.name!r} in {p.storage_label}: trial {number} is another configuration "
+                            f"than the one recorded ({was}): {fix}")
+
+
 def _open_study(s: StudySession) -> None:
+    """Create or load the study (under the storage mutex: processes starting together agree on one)."""
     import optuna
 
     from xlstm_tune.study.samplers import make_sampler
 
     p = s.plan
-    p.files.ensure_dirs()
     sampler = make_sampler(p.sampler_name, seed=p.spec.study["seed"], n_objectives=len(p.objectives),
                            n_trials=p.n_trials, grid=p.space.grid() if p.sampler_name == "grid" else None,
                            options=p.spec.sampler)
     directions = ["maximize"] * len(p.objectives)
     try:
-        s.study = optuna.create_study(storage=s.storage, study_name=p.name, directions=directions,
-                                      sampler=sampler, load_if_exists=True)
+        exists = _study_exists(s.storage, p.name)
+        if exists:
+            s.study = optuna.load_study(study_name=p.name, storage=s.storage, sampler=sampler)
+        _check_recorded_storage(s, exists)
+        if exists:
+            _check_joined(s, len(directions))
+        else:
+            s.study = optuna.create_study(storage=s.storage, study_name=p.name, directions=directions,
+                                          sampler=sampler, load_if_exists=True)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"cannot create or load study {p.name!r} in {p.storage_label}: {exc}") from None
-    if len(s.study.directions) != len(directions):
-        raise UserError(f"study {p.name!r} in {p.storage_label} has {len(s.study.directions)} objective(s), "
-                        f"this run has {len(directions)} ({p.objectives}): use a new --study-name")
+    p.files.ensure_dirs()
+    if s.study.user_attrs.get(STUDY_UID_ATTR) is None:
+        s.study.set_user_attr(STUDY_UID_ATTR, uuid.uuid4().hex)
+        s.study.set_user_attr(STUDY_IDENTITY_ATTR, p.identity)
     if s.study.metric_names != p.objectives:
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             s.study.set_metric_names(list(p.objectives))  # the dashboard and plots name the axes
+
+
+def _check_joined(s: StudySession, n_objectives: int) -> None:
+    """A process joining an existing study measures it the way it was started."""
+    p = s.plan
+    if len(s.study.directions) != n_objectives:
+        raise UserError(f"study {p.name!r} in {p.storage_label} has {len(s.study.directions)} objective(s), "
+                        f"this run has {n_objectives} ({p.objectives}): use a new --study-name")
+    ident = s.study.user_attrs.get(STUDY_IDENTITY_ATTR)
+    if ident is not None and ident != p.identity:
+        diff = first_difference(ident, p.identity)
+        raise UserError(f"study {p.name!r} in {p.storage_label} was run with different settings ({diff}): use the "
+                        f"same settings to join it, or pass a new --study-name")
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -149,3 +234,10 @@ def _start_parent(s: StudySession) -> None:
     except Exception as exc:
         raise UserError(f"cannot use the MLflow store {p.tracking_uri} ({type(exc).__name__}: "
                         f"{(str(exc).splitlines() or [''])[0][:200]}): check --tracking-uri") from None
+
+
+def storage_record(s: StudySession) -> dict[str, Any]:
+    """What run_meta.json keeps of the storage: its identity, the study's uid, its finished trials' keys."""
+    p = s.plan
+    return {"identity": storage_identity(p.opts.storage, p.out_dir), "study_uid": s.study_uid,
+            "trials": {str(n): r.get("key") for n, r in sorted(s.records.items())}}

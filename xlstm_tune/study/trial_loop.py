@@ -1,30 +1,77 @@
-"""The trial loop: ask -> check the combination -> measure -> record -> tell, until the study has
-`n_trials` COMPLETE trials in total (so re-running a finished study does nothing).
+"""The trial loop: take a slot (ask) -> check the combination -> measure -> record -> tell, until the
+study holds `n_trials` COMPLETE trials in total, counted over every process that works on it (so
+re-running a finished study does nothing).
 
-`measure` asks the evaluator (or answers from an identical configuration already measured, or from the
-replayed record); `recording.finish_trial` finishes every record, whatever the outcome. The worker
-process loads the model once; any crash fails just that trial.
+Hook points: `measure` is where a trial's measurement is requested (from an identical configuration
+already measured, one being measured by another process, or the evaluator); `recording.finish_trial`
+is where every record is finished, whatever the outcome. The worker process loads the model once; any
+crash fails just that trial. While a trial runs, its heartbeat (study.liveness) tells the other
+processes that its owner lives.
 """
 from __future__ import annotations
 
 import math
 import os
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from xlstm_tune.errors import UserError
-from xlstm_tune.study.ownership import requeue
+from xlstm_tune.study.liveness import TrialHeartbeat
+from xlstm_tune.study.ownership import reap_stale, requeue
 from xlstm_tune.study.progress import Progress
 from xlstm_tune.study.records import build_record
 from xlstm_tune.study.recording import best_text, finish_trial
 from xlstm_tune.study.session import StudySession
+from xlstm_tune.study.slots import DONE, WAIT, running_claimant, take_slot
 from xlstm_tune.study.space import knob_key
 from xlstm_tune.study.worker import WorkerFailure
 from xlstm_tune.tracking.provenance import now_iso
 
 MAX_UNRUNNABLE_IN_A_ROW = 200  # sampled combinations that could not run (invalid / not recorded) in a row
+POLL_S = 1.0  # how often a waiting process looks at the storage again
 QUALITY_PREFIXES = ("distinct_", "repetition_rate", "perplexity", "continuation_tokens", "judge_")
+
+
+@dataclass
+class AskedTrial:
+    """A trial this process owns, with its sampled params and (if it can run) its canonical knobs."""
+
+    trial: Any
+    params: dict[str, Any]
+    raw: dict[str, Any]
+    knobs: dict[str, Any] | None
+    key: str | None
+    invalid: str | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def number(self) -> int:
+        return int(self.trial.number)
+
+
+def prepare(s: StudySession, trial: Any) -> AskedTrial:
+    """Sample the trial's params and resolve them to knobs (runs under the storage mutex)."""
+    p = s.plan
+    params = p.space.suggest(trial)
+    raw = p.space.knobs_from_params(params)
+    history = s.storage.get_trial(trial._trial_id).system_attrs.get("retry_history") or []
+    extra: dict[str, Any] = {"sampler": p.sampler_name,
+                             "requeued_from": history[-1] if history else trial.user_attrs.get("requeued_from"),
+                             "is_default": None,
+                             "baseline": True if trial.user_attrs.get("baseline") else None,
+                             "owner": s.owner,
+                             "started_at": now_iso()}
+    invalid = p.space.check(raw)
+    if invalid is not None:
+        return AskedTrial(trial, params, raw, None, None, invalid, extra)
+    knobs = p.space.canonical(raw)
+    key = knob_key(knobs)
+    if key == p.default_key:
+        extra["is_default"] = True  # the default configuration (quality.report reads this)
+    return AskedTrial(trial, params, raw, knobs, key, None, extra)
 
 
 def outcome_from_record(rec: dict[str, Any]) -> dict[str, Any]:
@@ -53,67 +100,61 @@ def judge(s: StudySession, outcome: dict[str, Any]) -> None:
     outcome["quality"] = {**(outcome.get("quality") or {}), **scores}
 
 
-def measure(s: StudySession, number: int, knobs: dict[str, Any], key: str) -> dict[str, Any] | None:
-    """The outcome for one configuration: from an identical measured trial, else from the evaluator
-    (None: a replay that never recorded it). Raises WorkerFailure for a trial the worker could not finish."""
-    if key in s.by_key:
-        src = s.by_key[key]
-        outcome = outcome_from_record(src)
-        outcome["duplicate_of"] = src["number"]
+def _duplicate(s: StudySession, key: str) -> dict[str, Any] | None:
+    s.sync()
+    src = s.by_key.get(key)
+    if src is None:
+        return None
+    outcome = outcome_from_record(src)
+    outcome["duplicate_of"] = src["number"]
+    return outcome
+
+
+def _wait_for(s: StudySession, number: int, key: str, stop: threading.Event) -> None:
+    """Wait while another process measures the same configuration (reaping it if its owner dies)."""
+    while running_claimant(s, key, number) is not None:
+        if stop.wait(POLL_S):
+            return
+        with s.mutex:  # type: ignore[union-attr]
+            reap_stale(s)
+
+
+def measure(s: StudySession, asked: AskedTrial) -> dict[str, Any] | None:
+    """The outcome for one configuration: from an identical measured trial (of any process), else from
+    the evaluator (None: a replay that never recorded it). Raises WorkerFailure for a trial the worker
+    could not finish."""
+    assert asked.key is not None and asked.knobs is not None
+    outcome = _duplicate(s, asked.key)
+    if outcome is None and running_claimant(s, asked.key, asked.number) is not None:
+        _wait_for(s, asked.number, asked.key, threading.Event())
+        outcome = _duplicate(s, asked.key)
+    if outcome is not None:
         return outcome
-    return s.evaluator.evaluate(number, knobs, s.plan.faults.get(number))
+    return s.evaluator.evaluate(asked.number, asked.knobs, s.plan.faults.get(asked.number))
 
 
-def run_trial(s: StudySession) -> dict[str, Any]:
-    """Ask for one trial, measure it and finish its record; returns the record."""
+def _record(s: StudySession, asked: AskedTrial) -> dict[str, Any]:
+    """Measure an asked trial and build its record (any outcome)."""
     p = s.plan
-    trial = s.study.ask()
-    number = trial.number
-    params = p.space.suggest(trial)
-    raw = p.space.knobs_from_params(params)
-    extra: dict[str, Any] = {"sampler": p.sampler_name,
-                             "requeued_from": trial.user_attrs.get("requeued_from"),
-                             "is_default": None,
-                             "baseline": True if trial.user_attrs.get("baseline") else None,
-                             "started_at": now_iso()}
-    common = dict(params=params, compile=p.spec.model["compile"], objectives=p.objectives,
+    number, knobs, key, extra = asked.number, asked.knobs, asked.key, asked.extra
+    common = dict(params=asked.params, compile=p.spec.model["compile"], objectives=p.objectives,
                   context_lens=p.spec.context_lens)
-    reason = p.space.check(raw)
-    if reason is not None:
-        rec = build_record(number, state="PRUNED", knobs=raw, key=knob_key(raw),
-                           failure_reason="invalid_combination", error=reason, extra=extra, **common)
-        finish_trial(s, trial, rec)
-        return rec
-    knobs = p.space.canonical(raw)
-    key = knob_key(knobs)
-    if key == p.default_key:
-        extra["is_default"] = True  # the default configuration (quality.report reads this)
+    if asked.invalid is not None:
+        return build_record(number, state="PRUNED", knobs=asked.raw, key=knob_key(asked.raw),
+                            failure_reason="invalid_combination", error=asked.invalid, extra=extra, **common)
+    assert knobs is not None and key is not None
     s.progress.running(number, knobs)
     t0 = time.perf_counter()
     try:
-        outcome = measure(s, number, knobs, key)
+        outcome = measure(s, asked)
     except WorkerFailure as f:
-        rec = build_record(number, state="FAIL", knobs=knobs, key=key, failure_reason=f.reason, error=f.message,
-                           error_type=f.error_type, traceback=f.detail,
-                           extra=dict(extra, duration_s=time.perf_counter() - t0, finished_at=now_iso()), **common)
-        finish_trial(s, trial, rec)
-        return rec
-    except (KeyboardInterrupt, UserError) as exc:
-        # Ctrl-C, or a replacement worker that cannot start: not this configuration's fault
-        why = ("interrupted by the user (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
-               else f"the trial worker could not start: {exc}")
-        rec = build_record(number, state="FAIL", knobs=knobs, key=key, failure_reason="interrupted",
-                           error=f"{why}; the settings were re-queued", error_type=type(exc).__name__,
-                           extra=extra, **common)
-        finish_trial(s, trial, rec)
-        requeue(s, s.study._storage.get_trial(trial._trial_id))
-        raise
+        return build_record(number, state="FAIL", knobs=knobs, key=key, failure_reason=f.reason, error=f.message,
+                            error_type=f.error_type, traceback=f.detail,
+                            extra=dict(extra, duration_s=time.perf_counter() - t0, finished_at=now_iso()), **common)
     if outcome is None:  # replay: this configuration was never measured
-        rec = build_record(number, state="PRUNED", knobs=knobs, key=key, failure_reason="not_recorded",
-                           error="not in the replayed record", extra=extra, **common)
-        finish_trial(s, trial, rec)
-        return rec
-    extra.update(finished_at=now_iso())
+        return build_record(number, state="PRUNED", knobs=knobs, key=key, failure_reason="not_recorded",
+                            error="not in the replayed record", extra=extra, **common)
+    extra = dict(extra, finished_at=now_iso())
     judge(s, outcome)
     if outcome.get("duration_s") is None:
         outcome["duration_s"] = time.perf_counter() - t0
@@ -124,8 +165,29 @@ def run_trial(s: StudySession) -> dict[str, Any]:
     if not values or not all(isinstance(v, float) and math.isfinite(v) for v in values):
         rec = build_record(number, state="FAIL", knobs=knobs, key=key, outcome=outcome, failure_reason="error",
                            error=f"no finite figure for objective(s) {p.objectives}", extra=extra, **common)
-    finish_trial(s, trial, rec)
     return rec
+
+
+def run_trial(s: StudySession, asked: AskedTrial) -> dict[str, Any] | None:
+    """Measure one asked trial and finish its record; returns the record (None: another process
+    finished the trial first)."""
+    p = s.plan
+    try:
+        with TrialHeartbeat(s.storage, asked.trial._trial_id, s.policy):
+            rec = _record(s, asked)
+    except (KeyboardInterrupt, UserError) as exc:
+        # Ctrl-C, or a replacement worker that cannot start: not this configuration's fault
+        why = ("interrupted by the user (Ctrl-C)" if isinstance(exc, KeyboardInterrupt)
+               else f"the trial worker could not start: {exc}")
+        knobs = asked.knobs or asked.raw
+        rec = build_record(asked.number, state="FAIL", knobs=knobs, key=asked.key or knob_key(knobs),
+                           failure_reason="interrupted", error=f"{why}; the settings were re-queued",
+                           error_type=type(exc).__name__, extra=asked.extra, params=asked.params,
+                           compile=p.spec.model["compile"], objectives=p.objectives, context_lens=p.spec.context_lens)
+        if finish_trial(s, asked.trial, rec):
+            requeue(s, s.storage.get_trial(asked.trial._trial_id))
+        raise
+    return rec if finish_trial(s, asked.trial, rec) else None
 
 
 def run_loop(s: StudySession) -> None:
@@ -135,22 +197,29 @@ def run_loop(s: StudySession) -> None:
     timeout = p.spec.study["timeout_s"]
     t_start = time.monotonic()
     s.grid_done = False
-    completed = s.completed()
-    if completed < target and s.evaluator.kind == "worker":
+    if s.completed() < target and s.evaluator.kind == "worker":
         s.evaluator.start()  # load the model before the first trial: a model that cannot load fails here
-    s.progress = Progress(p.opts.progress, target, completed, p.name, s.err)
+    s.progress = Progress(p.opts.progress, target, s.completed(), p.name, s.err)
+    idle = threading.Event()  # never set: a bounded wait between looks at the storage
     unrunnable = 0
     try:
-        while completed < target:
+        while True:
             if timeout is not None and time.monotonic() - t_start > timeout:
-                s.notes.append(f"stopped after the study timeout of {timeout:g} s with {completed} complete trials")
+                s.notes.append(f"stopped after the study timeout of {timeout:g} s with {s.completed()} complete trials")
                 break
             if s.grid_done:
                 s.notes.append("the grid is exhausted: every grid point has been tried")
                 break
-            rec = run_trial(s)
+            asked = take_slot(s, lambda trial: prepare(s, trial))
+            if asked is DONE:
+                break
+            if asked is WAIT:
+                idle.wait(POLL_S)
+                continue
+            rec = run_trial(s, asked)
+            if rec is None:
+                continue
             if rec["state"] == "COMPLETE":
-                completed += 1
                 unrunnable = 0
             elif rec["state"] == "PRUNED":
                 unrunnable += 1
@@ -158,6 +227,6 @@ def run_loop(s: StudySession) -> None:
                     s.notes.append(f"stopped: {unrunnable} sampled combinations in a row could not run "
                                    f"({rec.get('failure_reason')})")
                     break
-            s.progress.done(rec, completed, best_text(s))
+            s.progress.done(rec, s.completed(), best_text(s))
     finally:
         s.progress.close()

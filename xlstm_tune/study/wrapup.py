@@ -10,17 +10,20 @@ from typing import Any
 
 from xlstm_tune import __version__
 from xlstm_tune.study.export import confirm_path
-from xlstm_tune.study.recording import best_so_far, write_summary_csv
+from xlstm_tune.study.recording import best_so_far, write_views
 from xlstm_tune.study.report import render
-from xlstm_tune.study.session import StudySession
+from xlstm_tune.study.session import StudySession, storage_record
 
 
 def final_files(s: StudySession) -> None:
-    for n, rec in s.records.items():
-        if n in s.run_ids:
-            rec["mlflow_run_id"] = s.run_ids[n]
-    s.plan.files.rewrite_trials(s.sorted_records())
-    write_summary_csv(s)
+    """trials.jsonl and summary.csv from the storage, with every trial's MLflow run id."""
+    try:
+        for n, run in s.tracker.find_trial_runs().items():
+            if run.info.status in ("FINISHED", "FAILED"):
+                s.run_ids.setdefault(n, run.info.run_id)
+    except Exception:  # noqa: BLE001 - MLflow is a view: the files still get written
+        pass
+    write_views(s)
 
 
 def paths(s: StudySession) -> dict[str, str]:
@@ -77,6 +80,7 @@ def write_meta(s: StudySession, final: bool = False) -> None:
         "prompt": s.prompt_text(),
         "prompt_source": p.prompt.describe(),
         "storage": p.storage_label,
+        "storage_record": storage_record(s),
         "tracking_uri": p.tracking_uri,
         "mlflow_experiment": s.experiment_name,
         "mlflow_parent_run_id": s.parent_run_id,
@@ -155,7 +159,8 @@ def summary_text(s: StudySession, contexts: list[dict[str, Any]], data: Mapping[
     """The terminal summary: the table, the winner per context length, notes, paths and next commands."""
     p = s.plan
     o = p.opts
-    default = dict(data["summary"]["configs"][0], knobs=p.space.default_knobs()) if data else None
+    # the knobs that ran (canonical), as the records, report.md and MLflow show them
+    default = dict(data["summary"]["configs"][0], knobs=p.space.canonical(p.space.default_knobs())) if data else None
     if data is None:
         note = None
     elif data.get("replay"):
