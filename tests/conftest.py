@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -27,3 +32,71 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64: the project's tolerance metric."""
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm())
+
+
+@pytest.fixture(scope="module")
+def private_ray(tmp_path_factory):
+    """The ray backend's private runtime in this process, with Ray's temp folder pointed at an empty one
+    of ours, so that no cluster anything else runs on this machine can be found; shut down at teardown."""
+    from xlstm_tune.runtime.ray_scheduler import shutdown_private_runtime
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+        mp.setenv("XLSTM_RAY_LOCAL_MODE", "1")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield
+        shutdown_private_runtime()
+
+
+class Spawned:
+    """Processes a test started, each the leader of its own process group (its workers go in it too)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def __call__(self, args: list[str], **kwargs: Any) -> subprocess.Popen:
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(args, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+        """`python -m xlstm_tune ARGS` to the end, like subprocess.run(capture_output=True, text=True), but
+        a timeout kills the whole group (the study's workers too), not just the leader."""
+        proc = self([sys.executable, "-m", "xlstm_tune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`'s process group (whatever of it is left, even after the leader exited), reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process in uninterruptible sleep
+        pass
+    for stream in (proc.stdout, proc.stderr, proc.stdin):
+        if stream is not None:
+            stream.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawned]:
+    """Start processes with `spawn([...])` or `spawn.cli(...)`: every one is killed at teardown, pass or fail."""
+    spawned = Spawned()
+    try:
+        yield spawned
+    finally:
+        spawned.kill_all()

@@ -35,7 +35,8 @@ from xlstm_tune.bench.workload import (  # noqa: E402
 from xlstm_tune.errors import UserError  # noqa: E402
 from xlstm_tune.quality.fidelity import fidelity_metrics  # noqa: E402
 
-FAST = BenchSettings(warmup=1, repeats=2, max_cv=10.0, max_rounds=1)
+# busy_retries=0: one measurement per figure whatever the load (the sync count below depends on it)
+FAST = BenchSettings(warmup=1, repeats=2, max_cv=10.0, max_rounds=1, busy_retries=0)
 INFO = describe_model("tiny")
 
 
@@ -97,10 +98,11 @@ def test_prefill_measures_the_requested_path(model, options: RuntimeOptions) -> 
     paths = set(res.stats["kernel_paths"])
     want = "mlstm.chunkwise.eager" if options.backend == "native" else "mlstm.step_block.eager"
     assert paths == {want, "slstm.step_block.eager"}
-    assert res.stats["chunk_sizes"] == [16]
+    assert res.stats["chunk_lengths"] == [8, 16]  # 40 tokens: two full chunks and a tail of 8
     if options.backend == "queued":
         assert res.stats["band_widths"] == [1, 3]  # ragged last band
-        assert res.stats["t_inner"] == [8]
+        assert res.stats["step_block_lengths"] == [8]
+        assert res.stats["tasks_dispatched"] == res.stats["chunks_run"] > 0
     flat = res.flat()
     assert flat["prefill_tok_s_ctx40"] == res.tok_s.median and "prefill_tok_s_ctx40_p80" in flat
     assert res.flags == []
@@ -120,7 +122,7 @@ def test_short_prompt_flagged_and_wrong_path_refused(model) -> None:
         verify_stats(RuntimeOptions(backend="native"), {"kernel_paths": {"mlstm.chunkwise.eager": 1}})
     with pytest.raises(PathMismatchError, match="chunk_size"):
         verify_stats(opts, {"kernel_paths": {"mlstm.chunkwise.eager": 1, "slstm.step_block.eager": 1},
-                            "chunk_sizes": [32]}, has_slstm=True)
+                            "chunk_lengths": [16, 32]}, has_slstm=True)  # no full chunk of 64 among them
 
 
 def test_decode_and_stats_csv(model, tmp_path: Path) -> None:

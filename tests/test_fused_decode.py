@@ -1,4 +1,4 @@
-"""The fused batch-1 decode kernels against float64 and against the plain step path.
+"""The fused decode kernels (batch 1 and rows of B > 1) against float64 and against the plain step path.
 
 On a CUDA machine the kernels run compiled; elsewhere, where Triton is installed, through Triton's CPU
 interpreter (same kernel code, executed in NumPy). Without Triton these tests are skipped: the kernels
@@ -34,53 +34,106 @@ def _rand(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEVICE).to(dtype)
 
 
+BATCHES = [1, 2, 3, 8, 16]  # batch 1 takes the GEMV kernel; 2..16 the row kernel (3: not a power of two)
+
+
+def _gemv_cases(x, w, b, res, norm_w, n):
+    """(kwargs, float64 result) of every prologue/epilogue, for rows x [B, K] (or one row [K])."""
+    xd, wd, bd = x.double(), w.double(), b.double()
+    rms = xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * norm_w.double()
+    return {
+        "plain": (dict(), xd @ wd[:n].T),
+        "rms+bias": (dict(rms_weight=norm_w, bias=b[:n]), rms @ wd[:n].T + bd[:n]),
+        "residual": (dict(residual=res), res.double() + xd @ wd[:n].T),
+        "swiglu+bias": (dict(rms_weight=norm_w, bias=b, swiglu=True),
+                        torch.nn.functional.silu(rms @ wd[:n].T + bd[:n]) * (rms @ wd[n:].T + bd[n:])),
+        "soft_cap": (dict(soft_cap=0.5), 0.5 * torch.tanh((xd @ wd[:n].T) / 0.5)),
+    }
+
+
 @pytest.mark.parametrize("n,k", [(40, 96), (300, 1000)])
 def test_fused_gemv_prologues_and_epilogues_match_float64(kernels, seed, n, k):
     x, w, b = _rand(k), _rand(2 * n, k) / k ** 0.5, _rand(2 * n)
-    res, norm_w = _rand(n), 1 + 0.3 * _rand(k)
-    xd, wd, bd = x.double(), w.double(), b.double()
-    rms = xd / (xd.pow(2).mean() + 1e-6).sqrt() * norm_w.double()
-    cases = {
-        "plain": (dict(), wd[:n] @ xd),
-        "rms+bias": (dict(rms_weight=norm_w, bias=b[:n]), wd[:n] @ rms + bd[:n]),
-        "residual": (dict(residual=res), res.double() + wd[:n] @ xd),
-        "swiglu+bias": (dict(rms_weight=norm_w, bias=b, swiglu=True),
-                        torch.nn.functional.silu(wd[:n] @ rms + bd[:n]) * (wd[n:] @ rms + bd[n:])),
-        "soft_cap": (dict(soft_cap=0.5), 0.5 * torch.tanh((wd[:n] @ xd) / 0.5)),
-    }
-    for name, (kwargs, want) in cases.items():
+    for name, (kwargs, want) in _gemv_cases(x, w, b, _rand(n), 1 + 0.3 * _rand(k), n).items():
         out = torch.empty(n, device=DEVICE)
         kernels.fused_gemv(x, w if kwargs.get("swiglu") else w[:n], out, **kwargs)
         assert rel_err(out, want) < TOL, f"{name} seed={seed}"
 
 
+@pytest.mark.parametrize("batch", BATCHES + [17])  # 17: a second group of rows
+def test_fused_gemv_rows_match_float64(kernels, seed, batch):
+    """Every row of x [B, K] against float64; the rows arrive strided (a slice of a wider buffer)."""
+    n, k = 40, 96
+    x = _rand(batch, k + 8)[:, 3:3 + k]
+    w, b = _rand(2 * n, k) / k ** 0.5, _rand(2 * n)
+    for name, (kwargs, want) in _gemv_cases(x, w, b, _rand(batch, n), 1 + 0.3 * _rand(k), n).items():
+        out = torch.empty(batch, n, device=DEVICE)
+        kernels.fused_gemv(x, w if kwargs.get("swiglu") else w[:n], out, **kwargs)
+        assert rel_err(out, want) < TOL, f"{name} batch={batch} seed={seed}"
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_fused_gemv_rows_with_bf16_weights_round_the_rows_like_the_plain_linear(kernels, seed, batch):
+    """Half weights: rows are rounded to bf16 (as the plain step's linear does), products summed in float32.
+    Against float64 of the same rounded values the error is float32 summation only; against the unrounded
+    rows it is bf16 rounding."""
+    n, k = 40, 96
+    x, w = _rand(batch, k), (_rand(n, k) / k ** 0.5).bfloat16()
+    out = torch.empty(batch, n, device=DEVICE)
+    kernels.fused_gemv(x, w, out)
+    exact = x.double() @ w.double().T
+    assert rel_err(out, exact) < 2 ** -7, f"seed={seed}"
+    assert rel_err(out, x.bfloat16().double() @ w.double().T) < rel_err(out, exact) + 2 ** -8, f"seed={seed}"
+
+
+@pytest.mark.parametrize("batch", [None, 2, 3])  # None: one row [K] (the GEMV kernel's own prologue)
 @pytest.mark.parametrize("heads,head_dim", [(4, 16), (3, 24)])
-def test_fused_gemv_head_norm_gate_prologue_matches_float64(kernels, seed, heads, head_dim):
+def test_fused_gemv_head_norm_gate_prologue_matches_float64(kernels, seed, heads, head_dim, batch):
     k, n = heads * head_dim, 50
-    h, gate, norm_w, w = _rand(k) * 3 + 1, _rand(k), _rand(k), _rand(n, k)
-    hd = h.double().view(heads, head_dim)
+    rows = () if batch is None else (batch,)
+    h, norm_w, w = _rand(*rows, k) * 3 + 1, _rand(k), _rand(n, k)
+    gate = _rand(*rows, k + 5)[..., 5:]  # a strided slice, like the output gate inside the projection
+    hd = h.double().view(*rows, heads, head_dim)
     ln = (hd - hd.mean(-1, keepdim=True)) / (hd.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-    x_eff = torch.sigmoid(gate.double()) * ln.flatten() * norm_w.double()
-    out = torch.empty(n, device=DEVICE)
-    kernels.fused_gemv(h, w, out, head_norm=(norm_w, gate, head_dim), eps=1e-5)
-    assert rel_err(out, w.double() @ x_eff) < TOL, f"seed={seed}"
+    x_eff = torch.sigmoid(gate.double()) * ln.flatten(-2) * norm_w.double()
+    out = torch.empty(*rows, n, device=DEVICE)
+    kernels.fused_gemv(h, w, out, head_norm=(norm_w, gate.contiguous() if batch is None else gate, head_dim), eps=1e-5)
+    assert rel_err(out, x_eff @ w.double().T) < TOL, f"seed={seed}"
+
+
+def _cell_case(kernels, heads, qk, v, batch):
+    """The cell kernels on `batch` rows against `mlstm_step` (float32) on the same inputs."""
+    rows = () if batch is None else (batch,)
+    b = batch or 1
+    proj = 2 * _rand(*rows, 2 * heads * qk + 2 * heads * v + 2 * heads)
+    state = (_rand(b, heads, qk, v), _rand(b, heads, qk), _rand(b, heads, 1))
+    q, k, vv, _, i, f = proj.view(b, -1).split([heads * qk, heads * qk, heads * v, heads * v, heads, heads], dim=-1)
+    want_h, want_state = mlstm_step(q.reshape(b, heads, qk), k.reshape(b, heads, qk), vv.reshape(b, heads, v),
+                                    soft_cap(i, 15.0).reshape(b, heads, 1), soft_cap(f, 15.0).reshape(b, heads, 1), state)
+    got_state = tuple(t.clone() for t in state)
+    h = torch.empty(*rows, heads * v, device=DEVICE)
+    kernels.mlstm_decode_cell(proj, (heads * qk, heads * qk, heads * v, heads * v, heads, heads), heads, got_state,
+                              torch.empty(4 * heads * b, device=DEVICE), h, 15.0, EPS)
+    return (h, want_h.reshape(h.shape)), list(zip(got_state, want_state))
 
 
 @pytest.mark.parametrize("heads,qk,v", [(8, 256, 512), (4, 128, 256), (3, 24, 40)], ids=["7b-heads", "350m-heads", "odd"])
 def test_decode_cell_matches_the_step_recurrence(kernels, seed, heads, qk, v):
     """The two cell kernels against `mlstm_step` (float32), on the presets' head shapes and an odd one."""
-    proj = 2 * _rand(2 * heads * qk + 2 * heads * v + 2 * heads)
-    state = (_rand(1, heads, qk, v), _rand(1, heads, qk), _rand(1, heads, 1))
-    q, k, vv, _, i, f = proj.split([heads * qk, heads * qk, heads * v, heads * v, heads, heads])
-    want_h, want_state = mlstm_step(q.view(1, heads, qk), k.view(1, heads, qk), vv.view(1, heads, v),
-                                    soft_cap(i, 15.0).view(1, heads, 1), soft_cap(f, 15.0).view(1, heads, 1), state)
-    got_state = tuple(t.clone() for t in state)
-    h = torch.empty(heads * v, device=DEVICE)
-    kernels.mlstm_decode_cell(proj, (heads * qk, heads * qk, heads * v, heads * v, heads, heads), heads, got_state,
-                              torch.empty(4 * heads, device=DEVICE), h, 15.0, EPS)
-    assert rel_err(h, want_h.flatten()) < TOL, f"seed={seed}"
-    for got, want in zip(got_state, want_state):
+    (h, want_h), states = _cell_case(kernels, heads, qk, v, None)
+    assert rel_err(h, want_h) < TOL, f"seed={seed}"
+    for got, want in states:
         assert rel_err(got, want) < TOL, f"seed={seed}"
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_decode_cell_rows_match_the_step_recurrence(kernels, seed, batch):
+    """Every row has its own projection row and state slice: each row against the batched plain step."""
+    (h, want_h), states = _cell_case(kernels, 3, 24, 40, batch)
+    for r in range(batch):
+        assert rel_err(h[r], want_h[r]) < TOL, f"row {r} seed={seed}"
+        for got, want in states:
+            assert rel_err(got[r], want[r]) < TOL, f"row {r} seed={seed}"
 
 
 def _perturbed_model(name: str, dtype: str):
@@ -102,38 +155,44 @@ def _advance(step, token, state, n):
     return outs
 
 
-def test_fused_step_matches_plain_step_in_float32(kernels, seed):
-    """`tiny` has an sLSTM block between mLSTM blocks: both kinds of block run inside the fused step."""
+@pytest.mark.parametrize("batch", BATCHES)
+def test_fused_step_matches_plain_step_in_float32(kernels, seed, batch):
+    """`tiny` has an sLSTM block between mLSTM blocks: both kinds of block run inside the fused step.
+    Rows start from different prompts, so a row reading another's state or projection would show."""
     m = _perturbed_model("tiny", "float32")
-    ids = torch.randint(0, 256, (1, 11), device=DEVICE)
+    ids = torch.randint(0, 256, (batch, 11), device=DEVICE)
     _, state = m(ids)
     plain_state = [tuple(t.clone() for t in b) for b in state]
     token = ids[:, -1:]
-    fused = _advance(FusedDecodeStep(m.net, kernels), token, state, 4)  # state advanced in place
+    steps = 4 if batch == 1 else 2  # the interpreter's time grows with the rows
+    fused = _advance(FusedDecodeStep(m.net, kernels), token, state, steps)  # state advanced in place
 
     @torch.inference_mode()
     def plain(tok, _):
         nonlocal plain_state
         logits, plain_state = m.net.decode_step(tok, plain_state)
         return logits
-    want = _advance(plain, token, None, 4)
+    want = _advance(plain, token, None, steps)
     for step, (a, b) in enumerate(zip(fused, want)):
-        assert rel_err(a, b) < TOL, f"step {step} seed={seed}"
+        for r in range(batch):
+            assert rel_err(a[r], b[r]) < TOL, f"step {step} row {r} seed={seed}"
     for a, b in zip(state, plain_state):
         for x, y in zip(a, b):
             assert rel_err(x, y) < TOL or torch.equal(x, y), f"seed={seed}"
     m.close()
 
 
-def test_fused_step_with_bf16_weights_is_no_less_accurate_than_the_plain_step(kernels, seed):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_step_with_bf16_weights_is_no_less_accurate_than_the_plain_step(kernels, seed, batch):
     """Reference: the same bf16 weights run in float32 (exact copies). The fused kernels keep
-    intermediates in float32, so their error must not exceed the plain bf16 step's by more than noise."""
+    intermediates in float32 (rows of B > 1 are rounded to bf16 before each product, as the plain step
+    does), so their error must not exceed the plain bf16 step's by more than noise."""
     m = _perturbed_model("xlstm-20m" if HAS_CUDA else "tiny", "bfloat16")
     ref = load_model("xlstm-20m" if HAS_CUDA else "tiny", device=DEVICE, dtype="float32",
                      runtime=RuntimeOptions(backend="native", compile=False))
     ref.net.load_state_dict({k: v.float() for k, v in m.net.state_dict().items()})
-    ids = torch.randint(0, m.config.vocab_size, (1, 9), device=DEVICE)
-    token = torch.randint(0, m.config.vocab_size, (1, 1), device=DEVICE)
+    ids = torch.randint(0, m.config.vocab_size, (batch, 9), device=DEVICE)
+    token = torch.randint(0, m.config.vocab_size, (batch, 1), device=DEVICE)
     _, state = m(ids)
     _, ref_state = ref(ids)
     with torch.inference_mode():
@@ -146,14 +205,15 @@ def test_fused_step_with_bf16_weights_is_no_less_accurate_than_the_plain_step(ke
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="graph capture needs CUDA")
-def test_graph_decode_captures_the_fused_step_for_batch_1_only(seed):
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_graph_decode_captures_the_fused_step_for_batch_1_to_16(seed, batch):
     m = load_model("xlstm-20m", device="cuda", runtime=RuntimeOptions(backend="native", compile=False, decode_mode="eager"))
-    prompt = torch.randint(0, 4096, (1, 30), device="cuda")
+    prompt = torch.randint(0, 4096, (batch, 30), device="cuda")
     want, _ = m.generate(prompt, max_new_tokens=16)
     m.runtime = RuntimeOptions(backend="native", compile=False, decode_mode="graph")
     got, _ = m.generate(prompt, max_new_tokens=16)
     assert m.decode_path == "graph:fused"
     assert torch.equal(got, want), f"seed={seed}"
-    m.generate(prompt.repeat(2, 1), max_new_tokens=4)
-    assert m.decode_path == "graph:step"  # batch 2 recaptured the generic step
+    m.generate(prompt[:1].repeat(17, 1), max_new_tokens=4)
+    assert m.decode_path == "graph:step"  # batch 17 recaptured the generic step
     m.close()

@@ -169,3 +169,108 @@ def test_parent_required_and_status_checked(store: dict) -> None:
     tr.start_parent("study-f")
     with pytest.raises(ValueError):
         tr.end_parent("DONE")
+
+
+# ---- the MLflow UI: experiment kind, comparison view, real trial times --------------------------
+def test_experiment_opens_on_the_runs_table(store: dict) -> None:
+    from xlstm_tune.tracking.mlflow_log import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND
+
+    tr = _tracker(store, "exp-kind")
+    exp_id = tr.get_or_create_experiment()
+    assert tr.client.get_experiment(exp_id).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND == "custom_model_development"
+    # An experiment made before the tag existed gets it when a study opens it again.
+    old_id = tr.client.create_experiment("exp-kind-old", artifact_location=store["artifacts"].as_uri())
+    assert TAG_EXPERIMENT_KIND not in tr.client.get_experiment(old_id).tags
+    assert _tracker(store, "exp-kind-old").get_or_create_experiment() == old_id
+    assert tr.client.get_experiment(old_id).tags[TAG_EXPERIMENT_KIND] == EXPERIMENT_KIND
+
+
+def test_comparison_view_is_a_shared_view_state(store: dict) -> None:
+    import json
+
+    from xlstm_tune.tracking.mlflow_log import (
+        COMPARISON_VIEW_KEY,
+        TAG_SHARED_VIEW,
+        comparison_columns,
+    )
+
+    tr = _tracker(store, "exp-view")
+    parent = tr.start_parent("study-view")
+    metrics, params = comparison_columns([128, 512], ["backend", "chunk_size"])
+    route = tr.save_comparison_view(metrics, params)
+    assert route == f"#/experiments/{tr.experiment_id}?viewStateShareKey={COMPARISON_VIEW_KEY}"
+    state = json.loads(tr.client.get_experiment(tr.experiment_id).tags[TAG_SHARED_VIEW + COMPARISON_VIEW_KEY])
+    assert state["selectedColumns"][:4] == ["metrics.`prefill_tok_s`", "metrics.`decode_tok_s`",
+                                            "metrics.`speedup_prefill_ctx128`", "metrics.`speedup_prefill_ctx512`"]
+    assert "metrics.`fidelity_rel_err`" in state["selectedColumns"]
+    assert state["selectedColumns"][-2:] == ["params.`backend`", "params.`chunk_size`"]
+    assert state["orderByKey"] == "metrics.`prefill_tok_s`" and state["orderByAsc"] is False
+    assert state["runsExpanded"] == {parent: True}  # the trials show under their study
+
+
+def test_child_runs_carry_the_trials_own_times(store: dict) -> None:
+    tr = _tracker(store, "exp-times")
+    tr.start_parent("study-times")
+    started, finished = "2026-03-01T10:00:00+00:00", "2026-03-01T10:00:42.500000+00:00"
+    run_id = tr.log_trial(0, {"chunk_size": 32}, {"prefill_tok_s": 7.0}, {}, [], status="FINISHED",
+                          started_at=started, finished_at=finished)
+    info = tr.client.get_run(run_id).info
+    t0 = 1772359200000  # 2026-03-01T10:00:00Z in epoch ms
+    assert (info.start_time, info.end_time) == (t0, t0 + 42500)
+    # Metrics are stamped with the trial's end, so the UI's time axis matches the run.
+    (hist,) = tr.client.get_metric_history(run_id, "prefill_tok_s")
+    assert hist.timestamp == t0 + 42500
+    # An open child finished later keeps the trial's end time too.
+    open_id = tr.log_trial(1, {"chunk_size": 64}, {}, {}, [], started_at=1772359300.0, finished_at=1772359360.25)
+    tr.finish_trial(open_id, "FAILED")
+    info = tr.client.get_run(open_id).info
+    assert (info.start_time, info.end_time, info.status) == (1772359300000, 1772359360250, "FAILED")
+
+
+# ---- artifacts follow the store -----------------------------------------------------------------
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_artifacts_follow_a_copied_study_folder(tmp_path: Path) -> None:
+    import shutil
+
+    original = tmp_path / "original"
+    tr = StudyTracker(default_tracking_uri(original), "exp-copy", default_artifact_root(original))
+    tr.start_parent("study-copy")
+    out = tmp_path / "trial-0.txt"
+    out.write_text("first")
+    first = tr.log_trial(0, {"chunk_size": 32}, {"prefill_tok_s": 1.0}, {}, [out], status="FINISHED")
+    tr.end_parent()
+    before = _files(original / "artifacts")
+    assert len(before) == 1
+
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    resumed = StudyTracker(default_tracking_uri(copy), "exp-copy", default_artifact_root(copy))
+    resumed.start_parent("study-copy")
+    out.write_text("second")
+    second = resumed.log_trial(1, {"chunk_size": 64}, {"prefill_tok_s": 2.0}, {}, [out], status="FINISHED")
+    resumed.log_parent_artifacts([out])
+
+    assert _files(original / "artifacts") == before  # nothing new in the original folder
+    exp = resumed.client.get_experiment(resumed.experiment_id)
+    assert exp.artifact_location == default_artifact_root(copy).as_uri()
+    for run_id in (first, second, resumed.parent_run_id):
+        uri = resumed.client.get_run(run_id).info.artifact_uri
+        assert Path(uri.removeprefix("file://")).is_relative_to(default_artifact_root(copy)), uri
+    new_dir = Path(resumed.client.get_run(second).info.artifact_uri.removeprefix("file://"))
+    assert (new_dir / "trial-0.txt").read_text() == "second"
+    # The copied trial's artifact is readable through its (rewritten) run in the copy.
+    old_dir = Path(resumed.client.get_run(first).info.artifact_uri.removeprefix("file://"))
+    assert (old_dir / "trial-0.txt").read_text() == "first"
+
+
+def test_a_shared_store_keeps_its_artifact_location(tmp_path: Path) -> None:
+    """A store that is not the study folder's own (here a sqlite file elsewhere) is not rewritten."""
+    uri = f"sqlite:///{tmp_path / 'shared' / 'mlflow.db'}"
+    first = StudyTracker(uri, "exp-shared", tmp_path / "a" / "artifacts")
+    exp_id = first.get_or_create_experiment()
+    second = StudyTracker(uri, "exp-shared", tmp_path / "b" / "artifacts")
+    assert second.get_or_create_experiment() == exp_id
+    assert second.client.get_experiment(exp_id).artifact_location == (tmp_path / "a" / "artifacts").resolve().as_uri()

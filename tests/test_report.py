@@ -3,6 +3,7 @@ with a real Optuna journal and a real sqlite MLflow store."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import json
 import re
 from pathlib import Path
@@ -242,3 +243,47 @@ def test_trials_answered_from_an_identical_configuration_are_ranked_once(tmp_pat
     text = write_report(tmp_path, records, None, []).read_text()
     ranked = [row[1] for row in table_rows(text, "by decode throughput")]
     assert ranked == ["0", "2"]
+
+
+def test_prefill_table_labels_the_geometric_mean_and_fills_each_length_spread(tmp_path: Path) -> None:
+    def per_len(number: int, a: float, b: float, **extra: Any) -> dict:
+        r = rec(number, 10.0, math.sqrt(a * b), context_lens=[128, 512], context_len=512, **extra)
+        for n, v in ((128, a), (512, b)):
+            r.update({f"prefill_tok_s_ctx{n}": v, f"prefill_tok_s_ctx{n}_p20": v * 0.9,
+                      f"prefill_tok_s_ctx{n}_p80": v * 1.1, f"prefill_tok_s_ctx{n}_cv": 0.05})
+        return r
+
+    records = [per_len(0, 400.0, 100.0, is_default=True), per_len(1, 1600.0, 400.0, params={"workers": 4})]
+    text = write_report(tmp_path, records, None, []).read_text()
+    section = text.split("## Top configurations by prefill throughput", 1)[1]
+    header = next(ln for ln in section.splitlines() if ln.startswith("|"))
+    cols = [c.strip() for c in header.strip("|").split(" | ")]
+    assert "context_len" not in cols  # 512 next to a mean over 128 and 512 was a wrong label
+    assert "prefill tok/s, geometric mean over contexts 128, 512" in cols
+    assert "ctx 128 tok/s (p20–p80, cv)" in cols and "ctx 512 tok/s (p20–p80, cv)" in cols
+    rows = table_rows(text, "## Top configurations by prefill throughput")
+    first = dict(zip(cols, rows[0]))
+    assert first["prefill tok/s, geometric mean over contexts 128, 512"] == "800.0"
+    assert first["ctx 128 tok/s (p20–p80, cv)"] == "1,600 (1,440–1,760), cv 5.0%"
+    assert first["ctx 512 tok/s (p20–p80, cv)"] == "400.0 (360.0–440.0), cv 5.0%"
+    assert first["speed-up vs default"] == "4.00×"
+    assert first["workers"] == "4" and first["chunk_size"] == "32"  # the record's knob, not params
+
+
+def test_confirmation_section_shows_both_phases_with_intervals_and_no_winner(tmp_path: Path) -> None:
+    won = {"speedup": 1.84, "low": 1.62, "high": 2.1, "rounds": 3, "verdict": "wins"}
+    tie = {"speedup": 1.01, "low": 0.95, "high": 1.07, "rounds": 3, "verdict": "not worse"}
+    best = {"schema": "xlstm_tune.best/1", "contexts": [
+        {"context_len": 128, "knobs": KNOBS, "winner": True, "trial_number": 4, "is_default": False,
+         "confirmation": {"paired_rounds": 3, "confidence": 0.95, "max_trade": 0.0, "prefill": won, "decode": tie}},
+        {"context_len": 512, "knobs": KNOBS, "winner": False, "trial_number": 0, "is_default": True,
+         "reason": "no candidate is faster than the default with 95% confidence",
+         "confirmation": {"paired_rounds": 3, "confidence": 0.95, "max_trade": 0.0, "key": "k", "trial_number": 6,
+                          "prefill": tie, "decode": dict(tie, speedup=0.8, low=0.7, high=0.9, verdict="worse")}}]}
+    (tmp_path / "best.json").write_text(json.dumps(best))
+    text = write_report(tmp_path, synthetic_records(), tmp_path / "best.json", []).read_text()
+    rows = table_rows(text, "## Confirmation")
+    assert rows[0] == ["128", "trial 4", "1.84× [1.62–2.10] wins", "1.01× [0.95–1.07] not worse", "—"]
+    assert rows[1] == ["512", "default (no winner)", "1.01× [0.95–1.07] not worse", "0.80× [0.70–0.90] worse",
+                       "no candidate is faster than the default with 95% confidence"]
+    assert "3 paired round(s)" in text and "95% bootstrap interval" in text

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import psutil
 import pytest
 import torch
 
@@ -56,21 +57,36 @@ def test_state_carried_across_calls(model, seed, backend):
     assert rel_err(torch.cat([a, b, *steps], 1), ref) < TOL, f"seed={seed}"
 
 
-def test_ray_backend_on_a_real_local_runtime(model, seed):
-    pytest.importorskip("ray")
+def test_ray_backend_on_a_real_local_runtime(model, seed, private_ray):
     ids = torch.randint(0, 256, (2, 23))
     ref, _ = model.reference_forward(ids)
     model.runtime = RuntimeOptions(backend="ray", chunk_size=8, heads_per_band=3, t_inner=4, compile=False)
+    model.stats.reset()
     out, state = model(ids)
     assert rel_err(out, ref) < TOL, f"seed={seed}"
     scheduler = model._cells.scheduler
     actors = list(scheduler.actors)
     assert len(actors) == 2  # bands of 3 + 1 heads: one actor each
+    stats = model.stats.as_dict()
+    # 23 tokens = chunks of 8, 8, 7: one remote call per chunk of each band, for 2 mLSTM + 1 sLSTM layers
+    assert stats["ray_remote_calls"] == stats["tasks_dispatched"] == stats["chunks_run"] == 3 * 2 * 3
+    assert stats["chunk_lengths"] == [7, 8] and stats["band_widths"] == [1, 3]
+    # inside the actors: 4 + 4 steps per chunk of 8, 4 + 3 for the tail, per band and layer
+    assert stats["kernel_paths"] == {"mlstm.step_block.eager": 2 * 2 * 6, "slstm.step_block.eager": 2 * 6}
     more, _ = model(ids[:, :5], state)  # a second call reuses the same actors
     assert scheduler.actors == actors
-    stats = model.stats.as_dict()
-    assert stats["kernel_paths"]["mlstm.step_block.eager"] > 0 and stats["band_widths"] == [1, 3]
-    model.runtime = RuntimeOptions(backend="native", compile=False)  # closes the actors
+    # the private runtime (our child processes) listens on loopback only
+    listening = [c.laddr for p in psutil.Process().children(recursive=True)
+                 for c in _connections(p) if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for addr in listening), listening
+    model.runtime = RuntimeOptions(backend="native", compile=False)  # hands the actors back
+
+
+def _connections(process):
+    try:
+        return process.net_connections(kind="inet")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # a worker that just exited
+        return []
 
 
 def _run_stats(model, ids, **knobs):
@@ -84,29 +100,36 @@ def test_every_knob_changes_what_runs(model):
     ids = torch.randint(0, 256, (1, 48))
     base = dict(backend="queued", chunk_size=16, heads_per_band=2, t_inner=4, workers=2)
     s0 = _run_stats(model, ids, **base)
-    # chunk_size: recorded, and with t_inner fixed the number of step-block calls is unchanged but the
-    # native tile is called with the new size
+    # 48 tokens, 2 bands, 3 cell layers: a task is one chunk of one band
+    assert s0["tasks_dispatched"] == s0["chunks_run"] == 3 * 2 * 3 and s0["chunk_lengths"] == [16]
+    # chunk_size: half the chunk, twice the tasks; with t_inner fixed the step-block calls stay the same
     s_chunk = _run_stats(model, ids, **{**base, "chunk_size": 8})
-    assert s0["chunk_sizes"] == [16] and s_chunk["chunk_sizes"] == [8]
-    # t_inner: fewer steps per call -> more calls
+    assert s_chunk["tasks_dispatched"] == s_chunk["chunks_run"] == 2 * s0["tasks_dispatched"]
+    assert s_chunk["chunk_lengths"] == [8] and s_chunk["kernel_paths"] == s0["kernel_paths"]
+    # t_inner: fewer steps per call -> more calls, same tasks
     s_t = _run_stats(model, ids, **{**base, "t_inner": 2})
     assert s_t["kernel_paths"]["mlstm.step_block.eager"] == 2 * s0["kernel_paths"]["mlstm.step_block.eager"]
+    assert s_t["step_block_lengths"] == [2] and s_t["tasks_dispatched"] == s0["tasks_dispatched"]
     # heads_per_band: more bands -> more tasks
     s_h = _run_stats(model, ids, **{**base, "heads_per_band": 1})
     assert s_h["tasks_dispatched"] == 2 * s0["tasks_dispatched"] and s_h["band_widths"] == [1]
-    # workers: the pool really has that many threads
-    model.runtime = RuntimeOptions(compile=False, **{**base, "workers": 3})
-    assert model._cells.scheduler.pool._max_workers == 3
+    # workers: how many chunk tasks the dispatcher keeps in flight at once (4 bands here)
+    for workers in (1, 3):
+        s_w = _run_stats(model, ids, **{**base, "heads_per_band": 1, "workers": workers})
+        assert s_w["peak_in_flight"] == workers and s_w["tasks_dispatched"] == s_h["tasks_dispatched"]
     # backend: a different kernel path
     s_n = _run_stats(model, ids, backend="native", chunk_size=16)
     assert "mlstm.chunkwise.eager" in s_n["kernel_paths"] and "mlstm.step_block.eager" not in s_n["kernel_paths"]
     assert s_n["cell_products"] == ["ieee"]  # TF32 cell products are for bf16/fp16 models on CUDA only
-    # native chunk_size reaches the chunkwise tile: a chunk larger than the prompt is one tile call per layer
+    # native chunk_size reaches the chunkwise tile: a chunk larger than the prompt is one chunk per layer
     s_n2 = _run_stats(model, ids, backend="native", chunk_size=64)
-    assert s_n2["chunk_sizes"] == [64]
-    # decode_mode: the decode runner changes
-    model.runtime = RuntimeOptions(compile=False, decode_mode="compiled")
-    assert model._decode.mode == "compiled"
+    assert s_n2["chunks_run"] == 3 and s_n["chunks_run"] == 3 * 3 and s_n2["chunk_lengths"] == [48]
+    # decode_mode: the step that ran (compiled decode is counted in the compiled test below)
+    model.runtime = RuntimeOptions(compile=False, decode_mode="eager")
+    _, state = model(ids)
+    model.stats.reset()
+    model(ids[:, -1:], state)
+    assert model.stats.as_dict()["decode_paths"] == {"eager": 1}
 
 
 def test_compiled_step_block_matches_and_is_counted(model, seed):
@@ -125,7 +148,9 @@ def test_compiled_step_block_matches_and_is_counted(model, seed):
     assert stats["compiled_calls"] > 0 and stats["eager_calls"] == 0
     # compiled decode equals eager decode
     token = ids[:, -1:]
+    model.stats.reset()
     compiled_logits, _ = model(token, state)
+    assert model.stats.as_dict()["decode_paths"] == {"compiled": 1}
     model.runtime = RuntimeOptions(backend="queued", compile=False, decode_mode="eager")
     eager_logits, _ = model(token, state)
     assert rel_err(compiled_logits, eager_logits) < TOL
@@ -196,7 +221,9 @@ def test_compile_gate_keeps_warm_calls_out_of_a_running_compile():
     with gate.compiling():  # as if another thread were tracing a new signature
         worker = threading.Thread(target=warm_call)
         worker.start()
-        assert not done.wait(0.3)  # the warm call waits for the compile to end
+        # the warm call is held at the gate while the compile runs
+        assert gate.wait_until(lambda st: st["warm_waiting"] == 1, 10)
+        assert not done.is_set() and gate.state()["running"] == 0
     assert done.wait(10) and torch.equal(result[0], x * 3 + 1)
     worker.join()
 
@@ -222,9 +249,12 @@ def test_compile_gate_keeps_warm_calls_out_of_a_running_compile():
     threads[0].start()
     assert entered.wait(10)
     threads[1].start()
-    assert not compiled.wait(0.3)  # a compile waits for warm calls in flight
+    # a compile waits for warm calls in flight
+    assert gate.wait_until(lambda st: st["compiles_waiting"] == 1, 10) and not compiled.is_set()
     threads[2].start()
-    assert not late.wait(0.3)  # and a warm call arriving meanwhile queues behind the waiting compile
+    # and a warm call arriving meanwhile queues behind the waiting compile
+    assert gate.wait_until(lambda st: st["warm_waiting"] == 1, 10) and not late.is_set()
+    assert gate.state() == {"running": 1, "compiling": 0, "compiles_waiting": 1, "warm_waiting": 1}
     release.set()
     assert compiled.wait(10) and late.wait(10)
     for t in threads:

@@ -2,7 +2,7 @@
 
     settings = BenchSettings(warmup=1, repeats=5)
     pre = bench_prefill(model, ids, settings)            # tok/s median, p20/p80, CV; compile time apart
-    dec = bench_decode(model, prompt, 32, settings)      # decode tok/s over 32 new tokens
+    dec = bench_decode(model, prompt, 32, settings)      # decode tok/s over 32 new tokens (x rows of prompt)
     report = run_benchmark(model, [512, 2048], PromptSource(), 32, settings)   # both, every length
 
 How each figure is made:
@@ -13,12 +13,16 @@ How each figure is made:
   first call minus the steady-state median. Then `warmup` more untimed calls, then `repeats` timed calls.
 * Figures are the median with p20/p80 and the CV of the tok/s samples; when the CV is above `max_cv` the
   measurement is repeated (up to `max_rounds` rounds) and, if still noisy, flagged `cv_high`.
+* The machine's load is recorded for every figure (`bench.load`: CPU time other processes took on our
+  CPUs, load average, GPU clocks/utilisation where readable); a figure taken on a busy machine is
+  measured again (`busy_retries` times at most) and flagged `busy_machine` if the load persists.
 * What ran is recorded (`model.stats`) and checked against what the knobs ask for: a prefill that ran a
   different kernel path than the backend's raises `PathMismatchError` instead of reporting a figure for
   the wrong path. A prompt shorter than `chunk_size` is flagged: the chunk_size knob cannot act on it.
 
 Decode throughput is measured from a prefilled state: `model.generate(last_token, n, state)` runs exactly
-`n` steps of the decode mode's step function (prefill is not part of the decode figure).
+`n` steps of the decode mode's step function (prefill is not part of the decode figure). A prompt of B
+rows decodes B sequences at once: tok/s counts B x n tokens (`batch_size` is recorded with the figure).
 
 This module measures; it never decides (the study does) and never imports tracking/, study/ or cli/.
 """
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xlstm_tune.bench.load import DEFAULT_MAX_OTHER_CPU, LoadSample, measure_unloaded
 from xlstm_tune.bench.stats import Summary
 from xlstm_tune.bench.timing import Measurement, measure, throughput, time_first_call
 from xlstm_tune.bench.workload import PromptSource, prompt_ids
@@ -52,17 +57,32 @@ class BenchSettings:
     repeats: int = 5
     max_cv: float = 0.10
     max_rounds: int = 3
+    busy_retries: int = 1
+    max_other_cpu: float = DEFAULT_MAX_OTHER_CPU
 
     def __post_init__(self) -> None:
-        for name, low in (("warmup", 0), ("repeats", 1), ("max_rounds", 1)):
+        for name, low in (("warmup", 0), ("repeats", 1), ("max_rounds", 1), ("busy_retries", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
         if isinstance(self.max_cv, bool) or not isinstance(self.max_cv, (int, float)) or not self.max_cv > 0:
             raise UserError(f"max_cv must be a number > 0 (e.g. 0.1 for 10%), got {self.max_cv!r}")
+        if isinstance(self.max_other_cpu, bool) or not isinstance(self.max_other_cpu, (int, float)) \
+                or not self.max_other_cpu > 0:
+            raise UserError(f"max_other_cpu must be a number > 0 (a fraction of this process's CPUs), "
+                            f"got {self.max_other_cpu!r}")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"warmup": self.warmup, "repeats": self.repeats, "max_cv": self.max_cv, "max_rounds": self.max_rounds}
+        return {"warmup": self.warmup, "repeats": self.repeats, "max_cv": self.max_cv, "max_rounds": self.max_rounds,
+                "busy_retries": self.busy_retries, "max_other_cpu": self.max_other_cpu}
+
+    def measure(self, fn: Callable[[], Any], sync: Callable[[], None], device: Any) -> tuple[Measurement, LoadSample]:
+        """`bench.timing.measure` with these settings, re-measured while the machine is busy."""
+        m, load, _ = measure_unloaded(
+            lambda: measure(fn, sync=sync, warmup=self.warmup, repeats=self.repeats, max_cv=self.max_cv,
+                            max_rounds=self.max_rounds),
+            device=device, max_other_cpu=self.max_other_cpu, retries=self.busy_retries)
+        return m, load
 
 
 # ---- what must run ---------------------------------------------------------------------------------
@@ -88,24 +108,35 @@ def check_prompt(n_tokens: int, options: Any) -> list[str]:
     return flags
 
 
+def _check_lengths(knob: str, size: int, lengths: set[int], what: str) -> None:
+    """Measured piece lengths fit a knob of `size`: none longer, and a shorter one only as a ragged tail
+    (so with more than one length, `size` itself must be among them)."""
+    if lengths and (max(lengths) > size or (len(lengths) > 1 and size not in lengths)):
+        raise PathMismatchError(f"{knob}={size} asked for, but {what} of {sorted(lengths)} steps ran")
+
+
 def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True, has_slstm: bool = False) -> None:
-    """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for."""
+    """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for.
+
+    Everything checked was counted where the work happened (runtime.tiles.RunStats), not read back from
+    the options: kernel paths, lengths of the chunks and step-blocks that ran, band widths, and for the
+    step-tile backends one task per chunk of one band.
+    """
     ran = set(stats.get("kernel_paths") or {})
     want = expected_kernel_paths(options, has_mlstm=has_mlstm, has_slstm=has_slstm)
     if ran != want:
         raise PathMismatchError(
             f"backend={options.backend} compile={options.compile} should run {sorted(want)} but ran {sorted(ran)}"
         )
-    sizes = set(stats.get("chunk_sizes") or [])
-    if sizes and sizes != {options.chunk_size}:
-        raise PathMismatchError(f"chunk_size={options.chunk_size} asked for, but chunks of {sorted(sizes)} ran")
-    uses_steps = options.backend != "native" or has_slstm
-    t_inner = set(stats.get("t_inner") or [])
-    if uses_steps and t_inner and t_inner != {options.t_inner}:
-        raise PathMismatchError(f"t_inner={options.t_inner} asked for, but step-blocks of {sorted(t_inner)} ran")
+    _check_lengths("chunk_size", options.chunk_size, set(stats.get("chunk_lengths") or []), "chunks")
+    if options.backend != "native" or has_slstm:
+        _check_lengths("t_inner", options.t_inner, set(stats.get("step_block_lengths") or []), "step-blocks")
     widths = set(stats.get("band_widths") or [])
     if options.backend != "native" and widths and max(widths) > options.heads_per_band:
         raise PathMismatchError(f"heads_per_band={options.heads_per_band} asked for, but bands of {sorted(widths)} ran")
+    if options.backend != "native" and stats.get("tasks_dispatched", 0) != stats.get("chunks_run", 0):
+        raise PathMismatchError(f"backend={options.backend} should dispatch one task per chunk of one band, but "
+                                f"{stats.get('tasks_dispatched')} tasks ran {stats.get('chunks_run')} chunks")
 
 
 # ---- results ---------------------------------------------------------------------------------------
@@ -120,6 +151,13 @@ class TimedResult:
     rounds: int
     cv_high: bool
 
+    @property
+    def busy(self) -> bool:
+        return bool(getattr(self, "load", {}).get("busy"))
+
+
+BUSY_FLAG = "busy_machine"
+
 
 def _timing(items: int, first: float, m: Measurement) -> dict[str, Any]:
     """TimedResult's fields from a measurement of calls that each process `items` tokens."""
@@ -133,6 +171,7 @@ class PrefillResult(TimedResult):
     tokens: int
     stats: dict[str, Any] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
+    load: dict[str, Any] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         """Columns `prefill_tok_s_ctx<L>` (+ _p20/_p80/_cv/_n), `prefill_s_ctx<L>`, first-call and compile time."""
@@ -145,6 +184,7 @@ class PrefillResult(TimedResult):
         out["prefill_compile_s" + sfx] = self.compile_s
         out["prefill_rounds" + sfx] = self.rounds
         out["prefill_cv_high" + sfx] = self.cv_high
+        out.update(_load_columns("prefill", sfx, self.load))
         return out
 
 
@@ -155,13 +195,28 @@ class DecodeResult(TimedResult):
     steps: list[dict[str, float]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     path: str = ""  # LanguageModel.decode_path: which step ran
+    batch_size: int = 1  # sequences decoded together; tok_s counts batch_size x new_tokens per call
+    load: dict[str, Any] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.tok_s.as_dict("decode_tok_s"))
         out.update(decode_path=self.path, decode_s=self.seconds.median, decode_first_call_s=self.first_call_s,
                    decode_compile_s=self.compile_s, decode_rounds=self.rounds, decode_cv_high=self.cv_high,
-                   decode_new_tokens=self.new_tokens, decode_context_len=self.context_len)
+                   decode_new_tokens=self.new_tokens, decode_context_len=self.context_len,
+                   decode_batch_size=self.batch_size)
+        out.update(_load_columns("decode", "", self.load))
         return out
+
+
+def _load_columns(phase: str, sfx: str, load: dict[str, Any]) -> dict[str, Any]:
+    """Flat load columns of one figure: `<phase>_busy`, `<phase>_other_cpu_frac`, `<phase>_loadavg`, GPU."""
+    if not load:
+        return {}
+    out = {f"{phase}_busy{sfx}": bool(load.get("busy")), f"{phase}_other_cpu_frac{sfx}": load.get("other_cpu_frac"),
+           f"{phase}_loadavg{sfx}": load.get("loadavg_1m")}
+    for key, value in (load.get("accelerator") or {}).items():
+        out[f"{phase}_{key}{sfx}"] = value
+    return out
 
 
 def _sync(model: Any) -> Callable[[], None]:
@@ -190,17 +245,17 @@ def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: 
 
     model.stats.reset()
     first = time_first_call(call, sync)
-    m = measure(call, sync=sync, warmup=settings.warmup, repeats=settings.repeats,
-                max_cv=settings.max_cv, max_rounds=settings.max_rounds)
+    m, load = settings.measure(call, sync, model.device)
     stats = model.stats.as_dict()
     verify_stats(options, stats, has_mlstm=info.get("has_mlstm", True), has_slstm=info.get("has_slstm", False))
     return PrefillResult(context_len=n_tokens, tokens=int(ids.numel()), **_timing(int(ids.numel()), first, m),
-                         stats=stats, flags=flags)
+                         stats=stats, flags=flags, load=load.as_dict())
 
 
 # ---- decode ----------------------------------------------------------------------------------------
-def decode_step_rows(step_seconds: Sequence[tuple[int, float]]) -> list[dict[str, float]]:
-    """Per-step rows `step,dt_ms,cum_ms,inst_tok_s,avg_tok_s` from `(step, seconds)` pairs."""
+def decode_step_rows(step_seconds: Sequence[tuple[int, float]], batch_size: int = 1) -> list[dict[str, float]]:
+    """Per-step rows `step,dt_ms,cum_ms,inst_tok_s,avg_tok_s` from `(step, seconds)` pairs; a step of
+    `batch_size` rows makes that many tokens."""
     rows: list[dict[str, float]] = []
     cum = 0.0
     for i, (step, dt) in enumerate(step_seconds, start=1):
@@ -209,8 +264,8 @@ def decode_step_rows(step_seconds: Sequence[tuple[int, float]]) -> list[dict[str
             "step": int(step),
             "dt_ms": dt * 1000.0,
             "cum_ms": cum * 1000.0,
-            "inst_tok_s": (1.0 / dt) if dt > 0 else math.inf,
-            "avg_tok_s": (i / cum) if cum > 0 else math.inf,
+            "inst_tok_s": (batch_size / dt) if dt > 0 else math.inf,
+            "avg_tok_s": (batch_size * i / cum) if cum > 0 else math.inf,
         })
     return rows
 
@@ -229,7 +284,8 @@ def write_decode_csv(path: str | Path, rows: Sequence[dict[str, float]]) -> Path
 
 
 def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettings, *, record_steps: bool = True) -> DecodeResult:
-    """Decode throughput over `new_tokens` greedy steps after prefilling `prompt` once.
+    """Decode throughput over `new_tokens` greedy steps after prefilling `prompt` [B, S] once: B sequences
+    decode together, and tok/s counts B x `new_tokens` tokens per call.
 
     Each timed call decodes from its own copy of the prefilled state. With `record_steps`, one more
     (untimed-for-the-figure) run records per-step times for the decode stats CSV and the tokens.
@@ -245,17 +301,18 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
         model.generate(first_token, new_tokens, state=clone_state(state0))
 
     first = time_first_call(call, sync)
-    m = measure(call, sync=sync, warmup=settings.warmup, repeats=settings.repeats,
-                max_cv=settings.max_cv, max_rounds=settings.max_rounds)
+    m, load = settings.measure(call, sync, model.device)
     steps: list[tuple[int, float]] = []
     tokens: list[int] = []
     if record_steps:
         out, _ = model.generate(first_token, new_tokens, state=clone_state(state0),
                                 on_step=lambda n, dt: steps.append((n, dt)))
-        tokens = [int(first_token.flatten()[0])] + [int(t) for t in out[0].tolist()]
+        tokens = [int(first_token[0, 0])] + [int(t) for t in out[0].tolist()]  # row 0's
+    batch = int(prompt.shape[0])
     return DecodeResult(
-        new_tokens=new_tokens, context_len=int(prompt.shape[-1]), **_timing(new_tokens * int(prompt.shape[0]), first, m),
-        steps=decode_step_rows(steps), tokens=tokens, path=getattr(model, "decode_path", ""),
+        new_tokens=new_tokens, context_len=int(prompt.shape[-1]), **_timing(new_tokens * batch, first, m),
+        steps=decode_step_rows(steps, batch), tokens=tokens, path=getattr(model, "decode_path", ""), batch_size=batch,
+        load=load.as_dict(),
     )
 
 
@@ -323,7 +380,16 @@ class BenchReport:
                 tagged = f"ctx{p.context_len}: {f}"
                 if tagged not in seen:
                     seen.append(tagged)
+            if p.busy:
+                seen.append(f"ctx{p.context_len}: {BUSY_FLAG}")
+        if self.decode is not None and self.decode.busy:
+            seen.append(f"decode: {BUSY_FLAG}")
         return seen
+
+    @property
+    def busy_machine(self) -> bool:
+        """Some figure of this report was taken on a busy machine (after its re-measurements)."""
+        return any(p.busy for p in self.prefill) or (self.decode is not None and self.decode.busy)
 
     def flat(self) -> dict[str, Any]:
         """Flat metrics: per-length columns, the geometric-mean `prefill_tok_s`, decode columns, compile_s."""
@@ -338,6 +404,7 @@ class BenchReport:
             out.update(self.decode.flat())
             compile_s += self.decode.compile_s
         out["compile_s"] = compile_s
+        out[BUSY_FLAG] = self.busy_machine
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -348,14 +415,15 @@ class BenchReport:
             "prefill": [
                 {"context_len": p.context_len, "tok_s": p.tok_s.metric_dict(), "seconds": p.seconds.metric_dict(),
                  "first_call_s": p.first_call_s, "compile_s": p.compile_s, "rounds": p.rounds,
-                 "cv_high": p.cv_high, "stats": p.stats, "flags": p.flags}
+                 "cv_high": p.cv_high, "stats": p.stats, "flags": p.flags, "load": p.load}
                 for p in self.prefill
             ],
             "decode": None if self.decode is None else {
                 "new_tokens": self.decode.new_tokens, "context_len": self.decode.context_len,
+                "batch_size": self.decode.batch_size, "path": self.decode.path,
                 "tok_s": self.decode.tok_s.metric_dict(), "seconds": self.decode.seconds.metric_dict(),
                 "first_call_s": self.decode.first_call_s, "compile_s": self.decode.compile_s,
-                "rounds": self.decode.rounds, "cv_high": self.decode.cv_high,
+                "rounds": self.decode.rounds, "cv_high": self.decode.cv_high, "load": self.decode.load,
             },
             "flags": self.flags,
             "wall_s": self.wall_s,
@@ -371,12 +439,14 @@ def run_benchmark(
     *,
     decode_context_len: int | None = None,
     model_info: dict[str, Any] | None = None,
-    prompts: dict[int | None, Any] | None = None,
+    prompts: dict[Any, Any] | None = None,
     record_steps: bool = True,
+    batch_size: int = 1,
 ) -> BenchReport:
     """Prefill at every length (None: the text prompt's own length), then decode `new_tokens` (0: skip).
 
-    Decode starts from a prompt of `decode_context_len` tokens (default: the shortest length).
+    Decode starts from a prompt of `decode_context_len` tokens (default: the shortest length), with
+    `batch_size` different prompts decoded together (prefill is measured at batch 1).
     `prompts` may pass ids already built (length -> ids) so repeated calls reuse the same tensors.
     """
     t0 = time.perf_counter()
@@ -391,7 +461,13 @@ def run_benchmark(
     dec = None
     if new_tokens:
         dlen = decode_context_len if decode_context_len is not None else (pre[0].context_len if pre else None)
-        dec = bench_decode(model, ids_for(dlen), new_tokens, settings, record_steps=record_steps)
+        if batch_size == 1:
+            dec_ids = ids_for(dlen)
+        else:
+            if (dlen, batch_size) not in prompts:
+                prompts[(dlen, batch_size)] = prompt_ids(model, dlen, source, batch=batch_size)
+            dec_ids = prompts[(dlen, batch_size)]
+        dec = bench_decode(model, dec_ids, new_tokens, settings, record_steps=record_steps)
     return BenchReport(knobs=model.runtime.knobs() | {"compile": model.runtime.compile}, prefill=pre, decode=dec,
                        wall_s=time.perf_counter() - t0, prompt=source.describe())
 

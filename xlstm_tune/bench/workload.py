@@ -94,28 +94,34 @@ class PromptSource:
         return {"prompt_origin": self.origin, "prompt_seed": self.seed if self.synthetic else None}
 
 
-def prompt_ids(model: Any, length: int | None, source: PromptSource) -> Any:
-    """Token ids [1, length] on the model's device.
+def prompt_ids(model: Any, length: int | None, source: PromptSource, batch: int = 1) -> Any:
+    """Token ids [batch, length] on the model's device; row 0 is the same whatever `batch` is.
 
     Text is encoded with the model's tokenizer and repeated or cut to `length` (its own length when
-    `length` is None). Synthetic ids are uniform over the vocabulary from a generator seeded with
-    `source.seed` and the length, so each length is reproducible on its own.
+    `length` is None); row r starts r tokens further into the repeated text, so rows differ. Synthetic
+    ids are uniform over the vocabulary from a generator seeded with `source.seed`, the length and the
+    row, so each length and row is reproducible on its own.
     """
     import torch
 
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UserError(f"batch_size must be an integer >= 1, got {batch!r}")
     if source.text is not None:
         ids = model.encode(source.text)[0].tolist()
         if length is None:
             length = len(ids)
-        reps = math.ceil(length / len(ids))
-        tiled = (ids * reps)[:length]
-        return torch.tensor([tiled], dtype=torch.long, device=model.device)
+        reps = math.ceil((length + batch) / len(ids)) + 1
+        tiled = ids * reps
+        rows = [tiled[r % len(ids):r % len(ids) + length] for r in range(batch)]
+        return torch.tensor(rows, dtype=torch.long, device=model.device)
     if length is None:
         raise UserError("no prompt length: pass --prompt, --prompt-file or --prefill-len")
-    gen = torch.Generator(device="cpu").manual_seed(int(source.seed) * 1_000_003 + int(length))
     vocab = int(model.config.vocab_size)
-    ids = torch.randint(0, vocab, (1, int(length)), generator=gen, dtype=torch.long)
-    return ids.to(model.device)
+    rows = []
+    for r in range(batch):
+        gen = torch.Generator(device="cpu").manual_seed(int(source.seed) * 1_000_003 + int(length) + r * 7_919_993)
+        rows.append(torch.randint(0, vocab, (1, int(length)), generator=gen, dtype=torch.long))
+    return torch.cat(rows).to(model.device)
 
 
 def open_model(source: str | Path, *, device: str = "auto", dtype: str | None = None, compile: bool = True,
@@ -163,6 +169,15 @@ def describe_model(source: str | Path) -> dict[str, Any]:
     }
 
 
+def available_backends() -> list[str]:
+    """The prefill backends this installation can run: `ray` needs the ray package importable."""
+    from importlib.util import find_spec
+
+    from xlstm_tune.runtime.options import BACKENDS
+
+    return [b for b in BACKENDS if b != "ray" or find_spec("ray") is not None]
+
+
 def device_capabilities(device: str = "auto") -> dict[str, Any]:
     """What `device` offers the runtime knobs: decode modes, streams, torch.compile, device graphs.
 
@@ -174,6 +189,7 @@ def device_capabilities(device: str = "auto") -> dict[str, Any]:
     resolved = dev.resolve_device(device)
     return {
         "device": str(resolved),
+        "backends": available_backends(),
         "device_type": resolved.type,
         "decode_modes": list(available_decode_modes(resolved)),
         "streams": bool(dev.streams_available(resolved)),

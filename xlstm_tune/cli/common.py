@@ -1,12 +1,15 @@
 """Flags shared by the subcommands (DESIGN.md §4 "Command line"), defined once.
 
     add_model_flags(p)                          --model --device --dtype
-    add_prompt_flags(p, new_tokens_flag=...)    --prompt --prompt-file --prefill-len --new-tokens|--max-new-tokens --repeats
+    add_prompt_flags(p)                         --prompt --prompt-file --prefill-len --new-tokens --repeats
     add_knob_flags(p, multi=False, best=True)   --backend (--chunkwise-backend) --chunk-size --heads-per-band --workers
                                                 --t-inner --streams --decode-mode --compile/--no-compile [--best]
+    add_runtime_flags(p, best=True)             --config --threads --interop-threads --tf32-cell --fused-decode
+                                                --triton-gemv [--allow-mismatch]
 
-and the readers that turn parsed flags into objects: `knob_overrides`, `runtime_options` (precedence
-CLI flag > best.json > environment > built-in default), `prompt_source`, `prefill_lengths`.
+and the readers that turn parsed flags into objects: `knob_overrides`, `runtime_from_args` (precedence
+CLI flag > best.json > environment > config file > built-in default, and best.json's target checked),
+`prompt_source`, `prefill_lengths`.
 Every default is None ("not given"), so a reader can tell a flag the user typed from a default and a spec
 or best.json can fill the rest. With `multi=True` (the study command) a knob flag takes a comma-separated
 list of values: one value fixes the knob, several make it the searched choices.
@@ -41,7 +44,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, metavar="DTYPE", help="weight dtype: float32 (default), bfloat16 or float16")
 
 
-def add_prompt_flags(parser: argparse.ArgumentParser, *, new_tokens_flag: str = "--new-tokens",
+def add_prompt_flags(parser: argparse.ArgumentParser, *, new_tokens_aliases: tuple[str, ...] = (),
                      lengths: bool = True, repeats: bool = True) -> None:
     g = parser.add_argument_group("workload")
     src = g.add_mutually_exclusive_group()
@@ -50,8 +53,7 @@ def add_prompt_flags(parser: argparse.ArgumentParser, *, new_tokens_flag: str = 
     if lengths:
         g.add_argument("--prefill-len", default=None, metavar="N[,N...]",
                        help="prompt lengths in tokens, e.g. 512,2048,8192 (synthetic ids, or the prompt repeated/cut)")
-    dest = new_tokens_flag.lstrip("-").replace("-", "_")
-    g.add_argument(new_tokens_flag, dest=dest, type=int, default=None, metavar="N", help="tokens to decode")
+    g.add_argument("--new-tokens", *new_tokens_aliases, dest="new_tokens", type=int, default=None, metavar="N", help="tokens to decode")
     if repeats:
         g.add_argument("--repeats", type=int, default=None, metavar="N", help="timed repetitions per measurement")
 
@@ -101,25 +103,87 @@ def knob_lists(args: argparse.Namespace) -> dict[str, list[Any]]:
     return out
 
 
-def runtime_options(args: argparse.Namespace, *, context_len: int | None = None,
-                    environ: Mapping[str, str] | None = None, num_heads: int | None = None) -> Any:
-    """RuntimeOptions from flags > --best > environment > built-in defaults (DESIGN.md §4 precedence).
+# Process-wide settings: flag -> (setting, help). Switches take --X / --no-X.
+_SWITCH_FLAGS = {
+    "tf32_cell": "TF32 float32 cell products of bf16/fp16 models on CUDA (XLSTM_TF32_CELL)",
+    "fused_decode": "fused batch-1 decode kernels on CUDA (XLSTM_FUSED_DECODE)",
+    "triton_gemv": "Triton batch-1 GEMV on CUDA (XLSTM_TRITON_GEMV)",
+}
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, *, best: bool = True) -> None:
+    g = parser.add_argument_group("runtime settings (process-wide; defaults suit the device)")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="runtime configuration file, e.g. configs/cuda.toml (below flags, best.json and XLSTM_* "
+                        "variables)" + ("" if best else "; a study applies its settings and measures its knobs first"))
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: CPU physical cores; CUDA/MPS 4)")
+    g.add_argument("--interop-threads", type=int, default=None, metavar="N", help="torch inter-op threads (default 1)")
+    for name, help_ in _SWITCH_FLAGS.items():
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction, default=None,
+                       help=help_)
+    if best:
+        g.add_argument("--allow-mismatch", action="store_true",
+                       help="apply a --best file measured on another model or device")
+
+
+def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The process-wide settings given on the command line (setting -> value)."""
+    names = ("threads", "interop_threads", *_SWITCH_FLAGS)
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def config_table(args: argparse.Namespace) -> dict[str, Any]:
+    """The --config file's knobs and settings as one table (empty without --config)."""
+    from xlstm_tune.runtime.config_file import load_config
+
+    path = getattr(args, "config", None)
+    return load_config(path).flat() if path is not None else {}
+
+
+def read_best_flag(args: argparse.Namespace, *, model_info: Mapping[str, Any], device: Any) -> dict[str, Any] | None:
+    """The --best file, validated and checked against the target model and device (UserError if not for them)."""
+    path = getattr(args, "best", None)
+    if path is None:
+        return None
+    from xlstm_tune.runtime.best_file import check_target, read_best
+    from xlstm_tune.runtime.device import device_name
+
+    best = read_best(path)
+    found = check_target(best, path, allow_mismatch=bool(getattr(args, "allow_mismatch", False)),
+                         model_id=model_info.get("model_id"), config_hash=model_info.get("config_hash"),
+                         device_name=device_name(device))
+    for what in found:
+        import sys
+
+        sys.stderr.write(f"warning: --allow-mismatch: {path} was measured on {what}\n")
+    return best
+
+
+def runtime_from_args(args: argparse.Namespace, *, best: Mapping[str, Any] | None, context_len: int | None = None,
+                      environ: Mapping[str, str] | None = None, num_heads: int | None = None) -> tuple[Any, Any]:
+    """(RuntimeOptions, RuntimeSettings): flags > --best > environment > --config > built-in defaults.
 
     With `num_heads`, a heads_per_band that nobody set is clamped to the model (the built-in default is 4).
     """
-    from xlstm_tune.runtime.options import RuntimeOptions
+    from xlstm_tune.runtime.settings import resolve_runtime
 
-    cli = knob_overrides(args)
+    cli: dict[str, Any] = {**knob_overrides(args), **runtime_flags(args)}
     if getattr(args, "compile", None) is not None:
         cli["compile"] = bool(args.compile)
-    opts = RuntimeOptions.merged(cli=cli, best=getattr(args, "best", None), context_len=context_len, environ=environ)
-    if num_heads is not None and opts.heads_per_band > num_heads and opts.backend == "native":
-        opts = opts.replace(heads_per_band=num_heads)
-    elif num_heads is not None and opts.heads_per_band > num_heads and "heads_per_band" not in cli:
-        explicit = RuntimeOptions.env_overrides(environ).get("heads_per_band") is not None or getattr(args, "best", None)
-        if not explicit:
+    if getattr(args, "dtype", None) is not None:
+        cli["dtype"] = args.dtype
+    config = config_table(args)
+    opts, settings = resolve_runtime(cli=cli, best=best, best_path=getattr(args, "best", None),
+                                     context_len=context_len, environ=environ, config=config)
+    if num_heads is not None and opts.heads_per_band > num_heads:
+        from xlstm_tune.runtime.options import RuntimeOptions
+
+        explicit = ("heads_per_band" in cli or "heads_per_band" in config or best is not None
+                    or RuntimeOptions.env_overrides(environ).get("heads_per_band") is not None)
+        if opts.backend == "native" or not explicit:
             opts = opts.replace(heads_per_band=num_heads)
-    return opts
+    return opts, settings
 
 
 def prompt_source(args: argparse.Namespace, seed: int = 0) -> Any:

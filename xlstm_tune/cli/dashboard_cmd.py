@@ -3,7 +3,8 @@
     python -m xlstm_tune dashboard [--out-dir mlruns] [--storage URL] [--host 127.0.0.1] [--port 8080]
 
 The storage is the one `study` uses: --storage, else the journal `<out-dir>/optuna.journal`. The server
-binds to 127.0.0.1 unless --host says otherwise.
+binds to 127.0.0.1 unless --host says otherwise. It runs as a process group of its own that SIGTERM or
+Ctrl-C stops whole (cli.server_group).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="mlruns", metavar="DIR", help="where `study` wrote its results (default: mlruns)")
     p.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL or .journal file (default: <out-dir>/optuna.journal)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", metavar="HOST", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, metavar="PORT", help="port (default 8080)")
     p.add_argument("--print-command", action="store_true", help="print the equivalent optuna-dashboard command and exit")
     p.set_defaults(func=run)
     return p
@@ -49,10 +50,20 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         sys.stdout.write(shlex.join(["optuna-dashboard", target, "--host", args.host, "--port", str(args.port)]) + "\n")
         return 0
-    storage = open_storage(args.storage, args.out_dir)
-    from optuna_dashboard import run_server
+    open_storage(args.storage, args.out_dir)  # unreachable or damaged: one line here, before serving
+
+    from xlstm_tune.cli.server_group import serve
 
     warn_if_exposed(args.host, "optuna-dashboard")
     sys.stderr.write(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)\n")
-    run_server(storage, host=args.host, port=args.port)
-    return 0
+    return serve([sys.executable, "-c", "import sys; from xlstm_tune.cli.dashboard_cmd import serve_storage; "
+                  "serve_storage(*sys.argv[1:])", args.storage or "", str(args.out_dir), args.host, str(args.port)])
+
+
+def serve_storage(storage: str, out_dir: str, host: str, port: str) -> None:
+    """The server process: optuna-dashboard on the storage `study` would open (same URL rules)."""
+    from optuna_dashboard import run_server
+
+    from xlstm_tune.study.storage import open_storage
+
+    run_server(open_storage(storage or None, out_dir), host=host, port=int(port))

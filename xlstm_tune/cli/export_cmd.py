@@ -20,7 +20,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="write a study's best.json (or --check one)",
                               description=__doc__.splitlines()[0])
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--study", default=None, metavar="NAME", help="the study to export")
+    what.add_argument("--study", "--study-name", dest="study", default=None, metavar="NAME",
+                      help="the study to export (--study-name as in plot and judge)")
     what.add_argument("--check", default=None, metavar="PATH", help="validate a best.json and summarise it")
     p.add_argument("--context-len", type=int, default=None, metavar="N",
                    help="export only the entry for this measured context length")
@@ -31,14 +32,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def describe(data: dict[str, Any]) -> str:
+    """One line: per context the knobs, both phases' speed-up [interval] and verdict, or why the default stays."""
+    from xlstm_tune.study.significance import fmt_interval
+
     prov = data.get("provenance", {})
     parts = []
     for c in data["contexts"]:
         k = c["knobs"]
-        sp = (c.get("metrics") or {}).get("speedup_prefill")
-        parts.append(f"{c['context_len']}: {k['backend']} chunk_size={k['chunk_size']} heads_per_band={k['heads_per_band']} "
-                     f"workers={k['workers']} t_inner={k['t_inner']} decode_mode={k['decode_mode']}"
-                     + (f" ({sp:.2f}x prefill)" if isinstance(sp, (int, float)) else ""))
+        conf = c.get("confirmation") or {}
+        text = f"{c['context_len']}: " + " ".join(f"{name}={k[name]}" for name in k)
+        if c.get("winner") is False:
+            text += f" (the default: no winner; {c.get('reason')})"
+        elif conf.get("prefill") or conf.get("decode"):
+            text += " (" + ", ".join(f"{p} {fmt_interval(conf[p])} {conf[p]['verdict']}"
+                                     for p in ("prefill", "decode") if conf.get(p)) + ")"
+        elif isinstance(sp := (c.get("metrics") or {}).get("speedup_prefill"), (int, float)):
+            text += f" ({sp:.2f}x prefill, unconfirmed)"
+        parts.append(text)
     return (f"schema {data['schema']}, model {prov.get('model_id')} on {prov.get('device_name')}, "
             f"study {prov.get('study_name')}; " + "; ".join(parts))
 

@@ -13,8 +13,10 @@ from xlstm_tune.cli.common import (
     add_knob_flags,
     add_model_flags,
     add_prompt_flags,
+    add_runtime_flags,
     knob_lists,
     positive,
+    runtime_flags,
     prefill_lengths,
 )
 from xlstm_tune.errors import UserError
@@ -36,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="kill a trial running longer than this (failure reason `timeout`)")
     g.add_argument("--sampler", "--mode", dest="sampler", default=None, metavar="NAME",
                    help="tpe (default), ga (NSGA-II), random, grid, gp or cmaes")
-    g.add_argument("--seed", type=int, default=None, help="sampler seed")
+    g.add_argument("--seed", type=int, default=None, metavar="N", help="sampler seed")
     g.add_argument("--objective", dest="objectives", action="append", default=None, metavar="NAME",
                    help="optimise this objective (repeat for a Pareto study): prefill_tok_s, decode_tok_s, "
                         "prefill_tok_s_ctx<L>")
@@ -59,9 +61,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--rebuild-views", action="store_true",
                    help="rewrite trials.jsonl, summary.csv and the missing MLflow child runs from the Optuna "
                         "storage, measuring nothing")
+    f = p.add_argument_group("many workers (docs/STUDY.md)")
+    f.add_argument("--devices", action="append", default=None, metavar="LIST",
+                   help="one trial worker per device on this study: cuda:0,cuda:1 (each sees only its GPU), "
+                        "cpu,cpu or cpu:N (N CPU workers, cores split between them)")
+    f.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="run the trial workers on a Ray cluster (HOST:PORT or auto): one per GPU, else per CPU "
+                        "share; with --storage postgresql://... and an http --tracking-uri across hosts")
+    f.add_argument("--trials-only", action="store_true",
+                   help="run trials and stop: no confirmation round, best.json or report (a plain `study` "
+                        "of the same storage does them once the workers are done)")
     add_model_flags(p)
-    add_prompt_flags(p, new_tokens_flag="--new-tokens")
+    add_prompt_flags(p)
     add_knob_flags(p, multi=True, best=False)
+    add_runtime_flags(p, best=False)
     p.set_defaults(func=run)
     return p
 
@@ -79,6 +92,13 @@ def options_from_args(args: argparse.Namespace) -> Any:
                         f"({args.heartbeat_interval} s): a live trial would be taken for dead")
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.trials_only and (args.devices or args.ray_address):
+        raise UserError("--trials-only is what each worker of --devices/--ray-address runs: pass one or the other")
+    if args.devices and not args.ray_address:
+        from xlstm_tune.runtime.device import worker_devices
+
+        for item in args.devices:
+            worker_devices(item)  # a device that is not here is refused before anything is opened
     objectives = None
     if args.objectives:
         objectives = [o.strip() for item in args.objectives for o in item.split(",") if o.strip()]
@@ -90,6 +110,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         repeats=args.repeats, prompt=args.prompt, prompt_file=args.prompt_file, knobs=knob_lists(args),
         trial_timeout=args.trial_timeout, objectives=objectives, progress=args.progress, argv=list(sys.argv),
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period, rebuild_views=args.rebuild_views,
+        devices=args.devices, ray_address=args.ray_address, trials_only=args.trials_only,
+        config=args.config, runtime=runtime_flags(args),
     )
 
 

@@ -3,13 +3,13 @@
     python -m xlstm_tune ui [--out-dir mlruns] [--tracking-uri URI] [--host 127.0.0.1] [--port 5000]
 
 The store is the one `study` writes: --tracking-uri, else $MLFLOW_TRACKING_URI, else the sqlite store
-`<out-dir>/mlflow.db`. The server binds to 127.0.0.1 unless --host says otherwise.
+`<out-dir>/mlflow.db`. The server binds to 127.0.0.1 unless --host says otherwise. It runs as a process
+group of its own that SIGTERM or Ctrl-C stops whole, workers included (cli.server_group).
 """
 from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=__doc__.splitlines()[0])
     p.add_argument("--out-dir", default="mlruns", metavar="DIR", help="where `study` wrote its results (default: mlruns)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow store (default: sqlite in --out-dir)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--host", default="127.0.0.1", metavar="HOST", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000, metavar="PORT", help="port (default 5000)")
     p.add_argument("--print-command", action="store_true", help="print the server command instead of running it")
     p.set_defaults(func=run)
     return p
@@ -65,4 +65,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     warn_if_exposed(args.host, "the MLflow UI")
     sys.stderr.write(f"MLflow UI on http://{args.host}:{args.port} (Ctrl-C to stop)\n")
-    return subprocess.call(cmd)
+    from xlstm_tune.cli.server_group import serve
+
+    return serve(cmd)

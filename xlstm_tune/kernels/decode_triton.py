@@ -1,4 +1,4 @@
-"""Fused batch-1 decode kernels (Triton): six launches per mLSTM block instead of a dozen.
+"""Fused decode kernels (Triton): six launches per mLSTM block instead of a dozen, at batch 1 to 16.
 
 At batch 1 a decode step reads every weight once, so its floor is weight bytes / memory bandwidth;
 what it costs beyond that is launches and the small elementwise kernels between the matrix-vector
@@ -7,8 +7,13 @@ products. These kernels fold that elementwise work into the products' prologues 
     fused_gemv    y = W @ prologue(x) (+ bias), then an epilogue
                   prologue: none | RMS norm | per-head layer norm times sigmoid(output gate)
                   epilogue: none | + residual | SwiGLU pair silu(W_g x) * (W_u x) | soft cap
-    mlstm_gates   per head: gate soft caps, max-state m, n, the read-out denominator (state in place)
-    mlstm_state   per head and value tile: C in place and h = q^T C / denominator
+    mlstm_gates   per head and row: gate soft caps, max-state m, n, the read-out denominator (in place)
+    mlstm_state   per head, value tile and row: C in place and h = q^T C / denominator
+
+For B > 1 rows the products run as a small-M GEMM (`_fused_rows_kernel`): each program reads its weight
+tile once and applies it to all B rows (up to 16 per program, tensor-core `tl.dot`), so a step still
+reads every weight once and stays bandwidth-bound; the per-head norm prologue becomes its own small
+kernel there. Batch 1 keeps the GEMV kernel, which a 16-row tile would only slow down.
 
 All arithmetic is float32 whatever the weight dtype. Only imported where
 `runtime.device.fused_decode_kernels` finds CUDA and Triton (or Triton's interpreter, for tests).
@@ -31,8 +36,18 @@ _CONFIGS = [
     for bn, bk, w, s in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 2), (16, 256, 8, 3),
                          (2, 1024, 4, 3), (4, 1024, 8, 2)]
 ]
-if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter (tests) cannot time configurations
+# Rows of B > 1: tl.dot wants tiles of at least 16 along each side, so BLOCK_N starts at 16.
+_ROWS_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(16, 256, 4, 3), (16, 512, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (32, 256, 8, 3),
+                         (64, 128, 4, 3), (64, 256, 8, 2)]
+]
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if _INTERPRETED:  # Triton's CPU interpreter (tests) cannot time configurations
     _CONFIGS = _CONFIGS[2:3]
+    _ROWS_CONFIGS = _ROWS_CONFIGS[2:3]
+ROWS_PER_PROGRAM = 16  # batch rows one program of the rows kernel applies its weight tile to
+MAX_FUSED_BATCH = 16  # the fused step's batch range: beyond it, weight tiles would be read once per 16 rows
 
 
 @triton.jit
@@ -107,14 +122,140 @@ def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
+@triton.jit
+def _rows_dot(x, w, IEEE: tl.constexpr, HALF_MMA: tl.constexpr):
+    """x [BB, BK] float32 times w [BK, BN] (weight dtype), accumulated in float32.
+
+    float32 weights: full-precision products (not TF32). Half weights: the rows are rounded to the weight
+    dtype first, as the plain step's linear does; the products of two half values are exact in float32,
+    so the half MMA (GPU) and the float32 products of the same values (the CPU interpreter, whose half
+    dot is not usable) give the same sums up to the order of accumulation.
+    """
+    if IEEE:
+        out = tl.dot(x, w, input_precision="ieee")
+    elif HALF_MMA:
+        out = tl.dot(x.to(w.dtype), w)
+    else:
+        out = tl.dot(x.to(w.dtype).to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return out
+
+
+@triton.autotune(configs=_ROWS_CONFIGS, key=["B", "N", "K", "PROLOGUE", "EPILOGUE", "HAS_BIAS"])
+@triton.jit
+def _fused_rows_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, B, N, K: tl.constexpr,
+                       stride_x, stride_y, stride_res, stride_wn, eps, cap,
+                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                       HALF_MMA: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y[b] = epilogue(W @ prologue(X[b])) for the rows b of one group of BLOCK_B: W's tile is loaded once
+    per k step and multiplied with every row of the group (tl.dot of [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N])."""
+    pid = tl.program_id(0)
+    bs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = bs < B
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        x = tl.load(x_ptr + bs[:, None] * stride_x + cols[None, :], mask=b_ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if PROLOGUE == 1:  # RMS norm: the per-row 1/rms factor is applied after the reduction
+            sumsq += tl.sum(x * x, axis=1)
+            x = x * tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        w_mask = col_ok[:, None] & row_ok[None, :]
+        w = tl.load(w_ptr + rows[None, :] * stride_wn + cols[:, None], mask=w_mask, other=0.0,
+                    eviction_policy="evict_first")  # [BLOCK_K, BLOCK_N]: W^T's tile
+        acc += _rows_dot(x, w, IEEE, HALF_MMA)
+        if EPILOGUE == 2:  # the SwiGLU "up" rows sit N rows below the gate rows of the fused matrix
+            wu = tl.load(w_ptr + (rows[None, :] + N) * stride_wn + cols[:, None], mask=w_mask, other=0.0,
+                         eviction_policy="evict_first")
+            acc_up += _rows_dot(x, wu, IEEE, HALF_MMA)
+    if PROLOGUE == 1:
+        inv_rms = 1.0 / tl.sqrt(sumsq / K + eps)
+        acc = acc * inv_rms[:, None]
+        acc_up = acc_up * inv_rms[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        if EPILOGUE == 2:
+            acc_up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+    y_mask = b_ok[:, None] & row_ok[None, :]
+    if EPILOGUE == 1:
+        acc += tl.load(res_ptr + bs[:, None] * stride_res + rows[None, :], mask=y_mask, other=0.0).to(tl.float32)
+    if EPILOGUE == 2:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    if EPILOGUE == 3:
+        acc = cap * _tanh(acc / cap)
+    tl.store(y_ptr + bs[:, None] * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _head_norm_gate_kernel(h_ptr, gate_ptr, norm_w_ptr, out_ptr, stride_h, stride_gate, stride_out, eps,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr):
+    """out[b, head] = sigmoid(gate) * layer_norm(h[b, head]) * norm_weight: the head-norm prologue of B > 1."""
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * HEAD_DIM + tl.arange(0, HEAD_DIM_P2)
+    ok = tl.arange(0, HEAD_DIM_P2) < HEAD_DIM
+    hv = tl.load(h_ptr + b * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(hv, axis=0) / HEAD_DIM
+    centred = tl.where(ok, hv - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / HEAD_DIM + eps)
+    gate = tl.load(gate_ptr + b * stride_gate + cols, mask=ok, other=0.0).to(tl.float32)
+    nw = tl.load(norm_w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + b * stride_out + cols, tl.sigmoid(gate) * (centred * rstd * nw), mask=ok)
+
+
+def _row_major(t: Tensor) -> bool:
+    return t.ndim == 2 and t.stride(1) == 1
+
+
+def _fused_rows(x: Tensor, weight: Tensor, out: Tensor, N: int, bias: Tensor | None, residual: Tensor | None,
+                rms_weight: Tensor | None, head_norm: tuple[Tensor, Tensor, int] | None, swiglu: bool,
+                soft_cap: float | None, eps: float) -> Tensor:
+    """fused_gemv for x [B, K], B > 1 (rows may be strided; each row's elements contiguous)."""
+    B, K = x.shape
+    if not (_row_major(x) and _row_major(out) and out.shape == (B, N)) or (residual is not None and not (
+            _row_major(residual) and residual.shape == (B, N))):
+        raise ValueError("fused_gemv with rows needs x [B, K], out and residual [B, N], each row contiguous")
+    prologue, epilogue, norm_w = PRO_NONE, EPI_NONE, x
+    if rms_weight is not None:
+        prologue, norm_w = PRO_RMS, rms_weight
+    if head_norm is not None:  # one small launch normalises every (row, head), then a plain product
+        nw, gate, head_dim = head_norm
+        if not _row_major(gate) or gate.shape != (B, K):
+            raise ValueError("fused_gemv head_norm with rows needs a gate [B, K], each row contiguous")
+        normed = torch.empty(B, K, dtype=torch.float32, device=x.device)
+        _head_norm_gate_kernel[(B, K // head_dim)](x, gate, nw, normed, x.stride(0), gate.stride(0), normed.stride(0),
+                                                   float(eps), HEAD_DIM=head_dim,
+                                                   HEAD_DIM_P2=triton.next_power_of_2(head_dim))
+        x = normed
+    if residual is not None:
+        epilogue = EPI_RESIDUAL
+    elif swiglu:
+        epilogue = EPI_SWIGLU
+    elif soft_cap is not None:
+        epilogue = EPI_SOFT_CAP
+    res = residual if residual is not None else out
+    _fused_rows_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(B, ROWS_PER_PROGRAM))](
+        x, weight, out, bias if bias is not None else x, res, norm_w, B, N, K,
+        x.stride(0), out.stride(0), res.stride(0), weight.stride(0), float(eps), float(soft_cap or 1.0),
+        PROLOGUE=prologue, EPILOGUE=epilogue, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
+        HALF_MMA=not _INTERPRETED, BLOCK_B=ROWS_PER_PROGRAM,
+    )
+    return out
+
+
 def fused_gemv(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = None, residual: Tensor | None = None,
                rms_weight: Tensor | None = None, head_norm: tuple[Tensor, Tensor, int] | None = None,
                swiglu: bool = False, soft_cap: float | None = None, eps: float = 1e-6) -> Tensor:
-    """out = epilogue(weight @ prologue(x) + bias) for one row x [K]; weight [N, K] (or [2N, K] for swiglu).
+    """out = epilogue(weight @ prologue(x) + bias) for one row x [K] (out [N]) or for every row of x [B, K]
+    (out [B, N]); weight [N, K] (or [2N, K] for swiglu).
 
     rms_weight: x -> x / rms(x) * rms_weight.  head_norm = (norm_weight, gate, head_dim):
-    x -> sigmoid(gate) * layer_norm_per_head(x) * norm_weight.  residual: + residual.  swiglu: rows
-    [0, N) are the gate and [N, 2N) the up projection, out = silu(gate) * up.  soft_cap: cap * tanh(y/cap).
+    x -> sigmoid(gate) * layer_norm_per_head(x) * norm_weight (gate shaped like x).  residual: + residual
+    (shaped like out).  swiglu: rows [0, N) are the gate and [N, 2N) the up projection, out = silu(gate) * up.
+    soft_cap: cap * tanh(y/cap).  Rows (B > 1) read each weight tile once for all of them.
     """
     if (residual is not None) + swiglu + (soft_cap is not None) > 1:
         raise ValueError("fused_gemv takes one epilogue")
@@ -122,6 +263,10 @@ def fused_gemv(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = 
         raise ValueError("fused_gemv takes one prologue")
     K = x.shape[-1]
     N = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if weight.stride(1) != 1:
+        raise ValueError("fused_gemv needs a row-major weight")
+    if x.ndim == 2 and x.shape[0] > 1:
+        return _fused_rows(x, weight, out, N, bias, residual, rms_weight, head_norm, swiglu, soft_cap, eps)
     if weight.stride(1) != 1 or out.numel() != N or not x.is_contiguous() or not out.is_contiguous():
         raise ValueError("fused_gemv needs a row-major weight, a contiguous x and an out of N elements")
     prologue, epilogue = PRO_NONE, EPI_NONE
@@ -147,78 +292,92 @@ def fused_gemv(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = 
 
 
 @triton.jit
-def _mlstm_gates_kernel(proj_ptr, n_ptr, m_ptr, scal_ptr, q_off, k_off, i_off, f_off, cap, scale, eps,
-                        QK: tl.constexpr, QK_P2: tl.constexpr, HAS_CAP: tl.constexpr):
-    head = tl.program_id(0)
+def _mlstm_gates_kernel(proj_ptr, n_ptr, m_ptr, scal_ptr, q_off, k_off, i_off, f_off, cap, scale, eps, stride_proj,
+                        H: tl.constexpr, QK: tl.constexpr, QK_P2: tl.constexpr, HAS_CAP: tl.constexpr):
+    hd = tl.program_id(0)  # head within the row: indexes the row's projection
+    row = tl.program_id(1)  # batch row
+    rh = row * H + hd  # (row, head): indexes n, m and the scratch
+    proj_ptr += row * stride_proj
     d = tl.arange(0, QK_P2)
     ok = d < QK
-    q = tl.load(proj_ptr + q_off + head * QK + d, mask=ok, other=0.0).to(tl.float32) * scale
-    k = tl.load(proj_ptr + k_off + head * QK + d, mask=ok, other=0.0).to(tl.float32)
-    i = tl.load(proj_ptr + i_off + head).to(tl.float32)
-    f = tl.load(proj_ptr + f_off + head).to(tl.float32)
+    q = tl.load(proj_ptr + q_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32) * scale
+    k = tl.load(proj_ptr + k_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32)
+    i = tl.load(proj_ptr + i_off + hd).to(tl.float32)
+    f = tl.load(proj_ptr + f_off + hd).to(tl.float32)
     if HAS_CAP:
         i = cap * _tanh(i / cap)
         f = cap * _tanh(f / cap)
     log_f = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))  # logsigmoid
-    m_old = tl.load(m_ptr + head)
+    m_old = tl.load(m_ptr + rh)
     m_new = tl.maximum(log_f + m_old, i)
     f_act = tl.exp(log_f + m_old - m_new)
     i_act = tl.exp(i - m_new)
-    n = f_act * tl.load(n_ptr + head * QK + d, mask=ok, other=0.0) + i_act * k
-    tl.store(n_ptr + head * QK + d, n, mask=ok)
-    tl.store(m_ptr + head, m_new)
+    n = f_act * tl.load(n_ptr + rh * QK + d, mask=ok, other=0.0) + i_act * k
+    tl.store(n_ptr + rh * QK + d, n, mask=ok)
+    tl.store(m_ptr + rh, m_new)
     denom = tl.maximum(tl.abs(tl.sum(q * n, axis=0)), tl.exp(-m_new)) + eps
-    tl.store(scal_ptr + head * 4 + 0, f_act)
-    tl.store(scal_ptr + head * 4 + 1, i_act)
-    tl.store(scal_ptr + head * 4 + 2, denom)
+    tl.store(scal_ptr + rh * 4 + 0, f_act)
+    tl.store(scal_ptr + rh * 4 + 1, i_act)
+    tl.store(scal_ptr + rh * 4 + 2, denom)
 
 
 @triton.jit
-def _mlstm_state_kernel(proj_ptr, c_ptr, scal_ptr, h_ptr, q_off, k_off, v_off, scale,
-                        QK: tl.constexpr, V: tl.constexpr, BLOCK_QK: tl.constexpr, BLOCK_V: tl.constexpr):
-    head = tl.program_id(0)
+def _mlstm_state_kernel(proj_ptr, c_ptr, scal_ptr, h_ptr, q_off, k_off, v_off, scale, stride_proj,
+                        H: tl.constexpr, QK: tl.constexpr, V: tl.constexpr, BLOCK_QK: tl.constexpr, BLOCK_V: tl.constexpr):
+    hd = tl.program_id(0)  # head within the row: indexes the row's projection
+    row = tl.program_id(2)  # batch row
+    rh = row * H + hd  # (row, head): indexes C, the scratch and h
+    proj_ptr += row * stride_proj
     vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = vcols < V
-    v = tl.load(proj_ptr + v_off + head * V + vcols, mask=v_ok, other=0.0).to(tl.float32)
-    f_act = tl.load(scal_ptr + head * 4 + 0)
-    i_act = tl.load(scal_ptr + head * 4 + 1)
-    denom = tl.load(scal_ptr + head * 4 + 2)
+    v = tl.load(proj_ptr + v_off + hd * V + vcols, mask=v_ok, other=0.0).to(tl.float32)
+    f_act = tl.load(scal_ptr + rh * 4 + 0)
+    i_act = tl.load(scal_ptr + rh * 4 + 1)
+    denom = tl.load(scal_ptr + rh * 4 + 2)
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for k0 in range(0, QK, BLOCK_QK):
         kr = k0 + tl.arange(0, BLOCK_QK)
         k_ok = kr < QK
-        k = tl.load(proj_ptr + k_off + head * QK + kr, mask=k_ok, other=0.0).to(tl.float32)
-        q = tl.load(proj_ptr + q_off + head * QK + kr, mask=k_ok, other=0.0).to(tl.float32) * scale
-        ptrs = c_ptr + head * QK * V + kr[:, None] * V + vcols[None, :]
+        k = tl.load(proj_ptr + k_off + hd * QK + kr, mask=k_ok, other=0.0).to(tl.float32)
+        q = tl.load(proj_ptr + q_off + hd * QK + kr, mask=k_ok, other=0.0).to(tl.float32) * scale
+        ptrs = c_ptr + rh * QK * V + kr[:, None] * V + vcols[None, :]
         c_ok = k_ok[:, None] & v_ok[None, :]
         c = f_act * tl.load(ptrs, mask=c_ok, other=0.0) + i_act * (k[:, None] * v[None, :])
         tl.store(ptrs, c, mask=c_ok)
         acc += tl.sum(q[:, None] * c, axis=0)
-    tl.store(h_ptr + head * V + vcols, acc / denom, mask=v_ok)
+    tl.store(h_ptr + rh * V + vcols, acc / denom, mask=v_ok)
 
 
 def mlstm_decode_cell(proj: Tensor, splits: tuple[int, ...], heads: int, state: tuple[Tensor, Tensor, Tensor],
                       scratch: Tensor, h_out: Tensor, cap: float | None, eps: float) -> Tensor:
-    """One mLSTM step for batch 1 from the fused projection `proj` = [q | k | v | o | i | f] (float32).
+    """One mLSTM step for B rows from the fused projection `proj` = [q | k | v | o | i | f] (float32; [P]
+    for batch 1 or [B, P], each row contiguous).
 
-    Updates the state (C [1,H,QK,V], n [1,H,QK], m [1,H,1], float32, contiguous) in place and writes
-    the un-normalised cell output h [H*V] into `h_out`. `scratch` holds 4 floats per head.
+    Updates the state (C [B,H,QK,V], n [B,H,QK], m [B,H,1], float32, contiguous) in place and writes
+    the un-normalised cell output h ([H*V] or [B, H*V], contiguous) into `h_out`. `scratch` holds 4
+    floats per row and head.
     """
     c, n, m = state
     if not (c.is_contiguous() and n.is_contiguous() and m.is_contiguous() and c.dtype == torch.float32):
         raise ValueError("mlstm_decode_cell needs contiguous float32 state")
+    batch = c.shape[0]
+    proj2 = proj.view(1, -1) if proj.ndim == 1 else proj
+    if proj2.shape[0] != batch or proj2.stride(-1) != 1 or not h_out.is_contiguous() or scratch.numel() < 4 * batch * heads:
+        raise ValueError("mlstm_decode_cell needs one projection row per state row, a contiguous h_out and "
+                         "4 scratch floats per row and head")
     qk_total, _, v_total = splits[0], splits[1], splits[2]
     qk, v = qk_total // heads, v_total // heads
     q_off, k_off, v_off = 0, qk_total, 2 * qk_total
     i_off = 2 * qk_total + 2 * v_total
     f_off = i_off + heads
     scale = qk ** -0.5
-    _mlstm_gates_kernel[(heads,)](proj, n, m, scratch, q_off, k_off, i_off, f_off, float(cap or 1.0), scale, eps,
-                                  QK=qk, QK_P2=triton.next_power_of_2(qk), HAS_CAP=cap is not None)
+    _mlstm_gates_kernel[(heads, batch)](proj2, n, m, scratch, q_off, k_off, i_off, f_off, float(cap or 1.0), scale, eps,
+                                        proj2.stride(0), H=heads, QK=qk, QK_P2=triton.next_power_of_2(qk),
+                                        HAS_CAP=cap is not None)
     # About 128 programs over the state: enough to spread its read and write over the chip.
-    block_v = max(16, min(64, triton.next_power_of_2(max(1, heads * v // 128))))
+    block_v = max(16, min(64, triton.next_power_of_2(max(1, batch * heads * v // 128))))
     block_v = min(block_v, triton.next_power_of_2(v))
-    _mlstm_state_kernel[(heads, triton.cdiv(v, block_v))](proj, c, scratch, h_out, q_off, k_off, v_off, scale,
-                                                          QK=qk, V=v, BLOCK_QK=min(64, triton.next_power_of_2(qk)),
-                                                          BLOCK_V=block_v)
+    _mlstm_state_kernel[(heads, triton.cdiv(v, block_v), batch)](
+        proj2, c, scratch, h_out, q_off, k_off, v_off, scale, proj2.stride(0),
+        H=heads, QK=qk, V=v, BLOCK_QK=min(64, triton.next_power_of_2(qk)), BLOCK_V=block_v)
     return h_out

@@ -1,13 +1,14 @@
-"""Batch-1 decode step on the fused decode kernels, updating the state in place (what `graph` captures).
+"""Decode step of batch 1..16 on the fused decode kernels, updating the state in place (what `graph` captures).
 
 Per mLSTM block: RMS norm + q|k|v|o|i|f product, gates, state update and read-out, head norm + output
 gate + out projection + residual, RMS norm + SwiGLU product, down projection + residual -- six
 launches. sLSTM blocks run their plain step. Intermediates live in buffers owned by the step, so a
 captured graph replays with no allocation; the residual stream alternates between two buffers so no
-kernel reads what it writes.
+kernel reads what it writes. Each batch size has its own buffers (made on its first step).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -24,8 +25,22 @@ def fused_decode_supported(net: XLSTMForCausalLM) -> str | None:
     return None
 
 
+@dataclass
+class _Buffers:
+    """One batch size's intermediates, reused by every step of that size (a captured graph replays them)."""
+
+    x: tuple[Tensor, Tensor]  # the residual stream, alternating so no kernel reads what it writes
+    proj: Tensor
+    scratch: Tensor
+    h: Tensor
+    z: Tensor
+    logits: Tensor
+
+
 class FusedDecodeStep:
-    """`step(token [1, 1], state) -> logits [1, 1, V]`; `state` (the graph's static buffers) is advanced."""
+    """`step(token [B, 1], state) -> logits [B, 1, V]` for B in 1..`max_batch`; `state` (the graph's static
+    buffers) is advanced in place. Batch 1 runs the GEMV kernels; B > 1 the row kernels, which read each
+    weight tile once for all B rows."""
 
     def __init__(self, net: XLSTMForCausalLM, kernels: ModuleType):
         why = fused_decode_supported(net)
@@ -33,42 +48,55 @@ class FusedDecodeStep:
             raise ValueError(why)
         net.fuse_projections()
         self.net, self.k = net, kernels
-        cfg = net.config
-        w = net.lm_head.weight
-        opts = {"device": w.device}
-        self.x = (torch.empty(cfg.hidden_size, dtype=w.dtype, **opts), torch.empty(cfg.hidden_size, dtype=w.dtype, **opts))
-        self.proj = torch.empty(2 * cfg.qk_dim + 2 * cfg.v_dim + 2 * cfg.num_heads, dtype=torch.float32, **opts)
-        self.scratch = torch.empty(cfg.num_heads * 4, dtype=torch.float32, **opts)
-        self.h = torch.empty(cfg.v_dim, dtype=torch.float32, **opts)
-        self.z = torch.empty(cfg.ffn_dim, dtype=w.dtype, **opts)
-        self.logits = torch.empty(cfg.vocab_size, dtype=torch.float32, **opts)
+        self.max_batch = int(kernels.MAX_FUSED_BATCH)
+        self._buffers: dict[int, _Buffers] = {}
+
+    def supports(self, batch: int) -> bool:
+        return 1 <= batch <= self.max_batch
+
+    def _buffers_for(self, batch: int) -> _Buffers:
+        if batch not in self._buffers:
+            cfg, w = self.net.config, self.net.lm_head.weight
+            f32 = {"dtype": torch.float32, "device": w.device}
+            act = {"dtype": w.dtype, "device": w.device}
+            self._buffers[batch] = _Buffers(
+                x=(torch.empty(batch, cfg.hidden_size, **act), torch.empty(batch, cfg.hidden_size, **act)),
+                proj=torch.empty(batch, 2 * cfg.qk_dim + 2 * cfg.v_dim + 2 * cfg.num_heads, **f32),
+                scratch=torch.empty(batch * cfg.num_heads * 4, **f32),
+                h=torch.empty(batch, cfg.v_dim, **f32),
+                z=torch.empty(batch, cfg.ffn_dim, **act),
+                logits=torch.empty(batch, cfg.vocab_size, **f32))
+        return self._buffers[batch]
 
     @torch.inference_mode()
     def __call__(self, token: Tensor, state: ModelState) -> Tensor:
-        if token.shape != (1, 1):
-            raise ValueError(f"the fused decode step takes one token of batch 1, got shape {tuple(token.shape)}")
+        if token.ndim != 2 or token.shape[1] != 1 or not self.supports(token.shape[0]):
+            raise ValueError(f"the fused decode step takes one token for each of 1..{self.max_batch} rows, "
+                             f"got shape {tuple(token.shape)}")
         net, k, cfg = self.net, self.k, self.net.config
-        xa, xb = self.x
-        torch.index_select(net.backbone.embeddings.weight, 0, token.view(1), out=xa.view(1, -1))
+        batch = token.shape[0]
+        buf = self._buffers_for(batch)
+        xa, xb = buf.x
+        torch.index_select(net.backbone.embeddings.weight, 0, token.view(batch), out=xa)
         for block, block_state in zip(net.backbone.blocks, state):
             if block.is_slstm:
-                y, new_state = block(xa.view(1, 1, -1), block_state, None)
+                y, new_state = block(xa.view(batch, 1, -1), block_state, None)
                 for dst, src in zip(block_state, new_state):
                     dst.copy_(src)
-                xa.copy_(y.view(-1))
+                xa.copy_(y.view(batch, -1))
                 continue
             layer, ffn = block.mlstm_layer, block.ffn  # projections fused in __init__
             norm, mh, fn = block.norm_mlstm, layer.multihead_norm, block.norm_ffn
             splits = layer.splits
-            k.fused_gemv(xa, layer.in_weight, self.proj, bias=layer.in_bias, rms_weight=norm.weight, eps=norm.eps)
-            k.mlstm_decode_cell(self.proj, splits, cfg.num_heads, block_state, self.scratch, self.h, cfg.gate_soft_cap,
+            k.fused_gemv(xa, layer.in_weight, buf.proj, bias=layer.in_bias, rms_weight=norm.weight, eps=norm.eps)
+            k.mlstm_decode_cell(buf.proj, splits, cfg.num_heads, block_state, buf.scratch, buf.h, cfg.gate_soft_cap,
                                 eps=EPS)
-            o_gate = self.proj[2 * splits[0] + splits[2]:2 * splits[0] + 2 * splits[2]]
-            k.fused_gemv(self.h, layer.out_proj.weight, xb, bias=layer.out_proj.bias, residual=xa,
+            o_gate = buf.proj[:, 2 * splits[0] + splits[2]:2 * splits[0] + 2 * splits[2]]
+            k.fused_gemv(buf.h, layer.out_proj.weight, xb, bias=layer.out_proj.bias, residual=xa,
                          head_norm=(mh.weight, o_gate, cfg.v_head_dim), eps=mh.eps)
-            k.fused_gemv(xb, ffn.up_weight, self.z, bias=ffn.up_bias, rms_weight=fn.weight, swiglu=True, eps=fn.eps)
-            k.fused_gemv(self.z, ffn.proj_down.weight, xa, bias=ffn.proj_down.bias, residual=xb)
+            k.fused_gemv(xb, ffn.up_weight, buf.z, bias=ffn.up_bias, rms_weight=fn.weight, swiglu=True, eps=fn.eps)
+            k.fused_gemv(buf.z, ffn.proj_down.weight, xa, bias=ffn.proj_down.bias, residual=xb)
         out_norm = net.backbone.out_norm
-        k.fused_gemv(xa, net.lm_head.weight, self.logits, rms_weight=out_norm.weight, eps=out_norm.eps,
+        k.fused_gemv(xa, net.lm_head.weight, buf.logits, rms_weight=out_norm.weight, eps=out_norm.eps,
                      soft_cap=cfg.output_logit_soft_cap)
-        return self.logits.view(1, 1, -1)
+        return buf.logits.view(batch, 1, -1)

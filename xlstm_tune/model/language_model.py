@@ -62,13 +62,14 @@ class LanguageModel:
             raise UserError(f"model.runtime must be a RuntimeOptions, got {type(options).__name__}")
         cells = CellRuntime(options, self.device, self.config.num_heads)
         decode = make_decode_step(options.decode_mode, self.net.decode_step, self.device, options.compile,
-                                  in_place_step=self._fused_step() if options.decode_mode == "graph" else None)
+                                  in_place_step=self._fused_step() if options.decode_mode == "graph" else None,
+                                  stats=cells.stats)
         if self._cells is not None:
             self._cells.close()
         self._options, self._cells, self._decode = options, cells, decode
 
     def _fused_step(self) -> FusedDecodeStep | None:
-        """The batch-1 step on fused kernels, where the device has them and the model fits them."""
+        """The in-place step on fused kernels (batch 1..16), where the device has them and the model fits them."""
         kernels = dev.fused_decode_kernels(self.device)
         if kernels is None or fused_decode_supported(self.net) is not None:
             return None
@@ -76,7 +77,7 @@ class LanguageModel:
 
     @property
     def decode_path(self) -> str:
-        """What one decode token runs: `eager`, `compiled`, `graph:fused` (the fused batch-1 kernels),
+        """What one decode token runs: `eager`, `compiled`, `graph:fused` (the fused kernels, batch 1..16),
         `graph:step` (the captured step), or `graph` before the first capture."""
         mode = self._decode.mode
         if mode != "graph" or self._decode.graph is None:

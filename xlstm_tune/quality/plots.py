@@ -11,6 +11,7 @@ no global backend switch, no display needed, safe in worker threads.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from xlstm_tune.atomic_files import write_bytes_atomic
 from xlstm_tune.errors import UserError
 
 __all__ = [
@@ -150,10 +152,10 @@ def _no_data(ax: Axes, why: str) -> None:
 
 
 def _save(fig: Figure, out_path: str | Path) -> Path:
-    path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    """Render in memory, then replace the file atomically: a full disk never leaves a truncated PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return write_bytes_atomic(out_path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------------ Pareto front

@@ -147,10 +147,17 @@ def _with_spread(record: Record, metric: str) -> str:
 
 
 def _knob_columns(records: Sequence[Record]) -> list[str]:
-    cols = [k for k in KNOBS if any(k in r for r in records)]
-    if any(r.get("context_len") is not None for r in records):
-        cols.append("context_len")
-    return cols
+    """The knob fields of the records: the canonical values that ran (never the sampler's raw params)."""
+    return [k for k in KNOBS if any(k in r for r in records)]
+
+
+def _context_lens(records: Sequence[Record]) -> list[int]:
+    lens = {int(n) for r in records for n in (r.get("context_lens") or []) if isinstance(n, int)}
+    return sorted(lens)
+
+
+def _has_spread(records: Sequence[Record], metric: str) -> bool:
+    return any(_num(r.get(f"{metric}_p20")) is not None for r in records)
 
 
 def _top_section(records: Sequence[Record], metric: str, default: Record | None) -> list[str]:
@@ -167,22 +174,69 @@ def _top_section(records: Sequence[Record], metric: str, default: Record | None)
     top = feasible[:TOP_N]
     knobs = _knob_columns(records)
     judged = any(_num(r.get("judge_overall")) is not None for r in top)
-    header = ["rank", "trial", *knobs, f"{name} tok/s (p20–p80, cv)", "speed-up vs default",
-              f"{_SPEED[other]} tok/s"] + (["judge overall"] if judged else [])
+    # Prefill is ranked by the geometric mean over the context lengths (it has no spread of its own);
+    # each length's median and spread get their own column.
+    lens = _context_lens(top) if metric == "prefill_tok_s" else []
+    main = f"{name} tok/s" + (f", geometric mean over contexts {', '.join(map(str, lens))}" if len(lens) > 1 else "")
+    if _has_spread(top, metric):
+        main += " (p20–p80, cv)"
+    per_len = [f"prefill_tok_s_ctx{n}" for n in lens]
+    header = ["rank", "trial", *knobs, main,
+              *[f"ctx {n} tok/s" + (" (p20–p80, cv)" if _has_spread(top, m) else "") for n, m in zip(lens, per_len)],
+              "speed-up vs default", f"{_SPEED[other]} tok/s"] + (["judge overall"] if judged else [])
     rows = []
     for rank, r in enumerate(top, start=1):
         speed = _speedup(r, metric, default)
         is_default = r is default or r.get("is_default") is True
         trial = f"{r.get('number')} (default)" if is_default else r.get("number")
         row = [rank, trial, *[r.get(k) for k in knobs], _with_spread(r, metric),
+               *[_with_spread(r, m) for m in per_len],
                f"{speed:.2f}×" if speed is not None else "—", _num(r.get(other))]
         if judged:
             row.append(r.get("judge_overall") if _num(r.get("judge_overall")) is not None else None)
         rows.append(row)
     lines += _table(header, rows)
     lines += ["", f"Feasible trials: completed and not failing the fidelity check "
-                  f"({len(feasible)} with {metric}); spread is the p20–p80 range of the repeats.", ""]
+                  f"({len(feasible)} with {metric}); spread is the p20–p80 range of the repeats. Speed-ups "
+                  f"here are one trial's figure over the default's; the confirmed ones, with intervals, are "
+                  f"under Confirmation.", ""]
     return lines
+
+
+def _interval(est: Any) -> str:
+    """`1.84× [1.62–2.10] wins`: a confirmed speed-up, its interval and the verdict."""
+    if not isinstance(est, Mapping) or _num(est.get("speedup")) is None:
+        return "—"
+    text = f"{est['speedup']:.2f}×"
+    if _num(est.get("low")) is not None and _num(est.get("high")) is not None:
+        text += f" [{est['low']:.2f}–{est['high']:.2f}]"
+    return f"{text} {est.get('verdict') or ''}".rstrip()
+
+
+def _confirmation_section(best: Mapping[str, Any] | None) -> list[str]:
+    """Per context length: the winner (or that the default stays, and why), both phases with intervals."""
+    lines = ["## Confirmation", ""]
+    contexts = [c for c in (best or {}).get("contexts", []) if isinstance(c, Mapping)]
+    confirmed = [c for c in contexts if isinstance(c.get("confirmation"), Mapping)]
+    if not confirmed:
+        return lines + ["No confirmation round recorded in best.json.", ""]
+    conf0 = confirmed[0]["confirmation"]
+    lines += [f"Candidates re-measured against the default in {conf0.get('paired_rounds', 0)} paired round(s); "
+              f"speed-up = geometric mean of the per-round ratios, with its "
+              f"{float(conf0.get('confidence', 0.95)):.0%} bootstrap interval. A winner wins on a phase "
+              f"(interval above 1) and loses no phase beyond max_trade = {float(conf0.get('max_trade', 0)):g}.", ""]
+    rows = []
+    for c in confirmed:
+        conf = c["confirmation"]
+        won = c.get("winner") is True
+        who = f"trial {c.get('trial_number')}" if won else "default (no winner)"
+        shown = "" if won else (f"closest: trial {conf.get('trial_number')}" if conf.get("key") else "")
+        rows.append([c.get("context_len"), who, _interval(conf.get("prefill")), _interval(conf.get("decode")),
+                     c.get("reason") or shown or "—"])
+    lines += _table(["context", "chosen", "prefill speed-up [interval] verdict",
+                     "decode speed-up [interval] verdict", "why"], rows)
+    return lines + ["", "For a context without a winner the figures are the closest candidate's; the default "
+                        "is exported (`\"winner\": false`).", ""]
 
 
 def _default_section(records: Sequence[Record], default: Record | None) -> list[str]:
@@ -294,16 +348,26 @@ def _plots_section(study_dir: Path, plots: Iterable[str | Path]) -> list[str]:
     return lines
 
 
+def _read_best(best_path: str | Path | None) -> tuple[str | None, Any]:
+    """(raw text, parsed JSON or None) of best.json; (None, None) when there is none."""
+    if best_path is None or not Path(best_path).is_file():
+        return None, None
+    raw = Path(best_path).read_text(encoding="utf-8", errors="replace")
+    try:
+        return raw, json.loads(raw)
+    except json.JSONDecodeError:
+        return raw, None
+
+
 def _best_section(best_path: str | Path | None) -> list[str]:
     lines = ["## best.json", ""]
-    if best_path is None or not Path(best_path).is_file():
+    raw, data = _read_best(best_path)
+    if raw is None:
         return lines + ["No best.json was written (no feasible trial, or the export did not run).", ""]
-    path = Path(best_path)
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        text = json.dumps(json.loads(raw), indent=2, ensure_ascii=False)
-    except json.JSONDecodeError:
+    path = Path(best_path)  # type: ignore[arg-type]
+    if data is None:
         return lines + [f"`{path.name}` is not valid JSON; shown as stored:", "", *_fence(raw), ""]
+    text = json.dumps(data, indent=2, ensure_ascii=False)
     return lines + [f"`{path.name}` (load it with `RuntimeOptions.from_best(path)` or `--best`):", "",
                     *_fence(text, "json"), ""]
 
@@ -351,6 +415,8 @@ def write_report(
              f"Trials: {len(recs)}"
              + (" (" + ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())) + ")" if recs else "")
              + f"; feasible: {n_feasible}.", ""]
+    best = _read_best(best_path)[1]
+    lines += _confirmation_section(best if isinstance(best, Mapping) else None)
     lines += _default_section(recs, default)
     lines += _top_section(recs, "decode_tok_s", default)
     lines += _top_section(recs, "prefill_tok_s", default)

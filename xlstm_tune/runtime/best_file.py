@@ -15,9 +15,15 @@ Layout (schema "xlstm_tune.best/1")::
          "fidelity": {"passed": true, "max_rel_err": ..., ...},
          "trial_number": 7, "mlflow_run_id": "..."}
       ],
+      "runtime": {compile, dtype, threads, interop_threads, tf32_cell, fused_decode, triton_gemv},
       "provenance": {device_name, os, torch_version, model_id, model_config_hash, study_name,
                      trial_number, mlflow_run_id, git_commit, time}
     }
+
+`runtime` holds the process-wide settings the study measured with (`runtime.settings`); files written
+before it existed load without it (then those settings come from the lower levels of the precedence
+chain). Unknown top-level keys, knobs or runtime settings are refused. A best.json knows what it is for:
+`check_target` refuses to apply it to another model (config hash) or device (name).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from xlstm_tune.errors import UserError
 SCHEMA = "xlstm_tune.best/1"
 KNOB_FIELDS = ("backend", "chunk_size", "heads_per_band", "workers", "t_inner", "streams", "decode_mode")
 CONTEXT_FIELDS = ("context_len", "knobs", "env", "metrics", "fidelity")
+TOP_LEVEL_FIELDS = ("schema", "contexts", "runtime", "provenance")
 PROVENANCE_FIELDS = (
     "device_name", "os", "torch_version", "model_id", "model_config_hash",
     "study_name", "trial_number", "mlflow_run_id", "git_commit", "time",
@@ -50,6 +57,9 @@ def validate_best(data: Any, path: str | Path = "<best.json>") -> dict[str, Any]
     schema = data.get("schema")
     if schema != SCHEMA:
         raise _fail(path, f"unknown schema {schema!r} (expected {SCHEMA!r})")
+    unknown_top = sorted(set(data) - set(TOP_LEVEL_FIELDS))
+    if unknown_top:
+        raise _fail(path, f"unknown top-level key(s) {unknown_top} (known: {list(TOP_LEVEL_FIELDS)})")
     contexts = data.get("contexts")
     if not isinstance(contexts, list) or not contexts:
         raise _fail(path, "'contexts' must be a non-empty list")
@@ -81,6 +91,19 @@ def validate_best(data: Any, path: str | Path = "<best.json>") -> dict[str, Any]
         for name in ("env", "metrics", "fidelity"):
             if not isinstance(entry[name], dict):
                 raise _fail(path, f"contexts[{i}].{name} is not an object")
+    runtime = data.get("runtime")
+    if runtime is not None:
+        from xlstm_tune.runtime.options import _as_bool
+        from xlstm_tune.runtime.settings import settings_from_mapping
+
+        if not isinstance(runtime, dict):
+            raise _fail(path, "'runtime' must be an object")
+        try:
+            settings_from_mapping(runtime, "runtime")
+            if runtime.get("compile") is not None:
+                _as_bool("runtime.compile", runtime["compile"])
+        except UserError as exc:
+            raise _fail(path, str(exc)) from None
     prov = data.get("provenance")
     if not isinstance(prov, dict):
         raise _fail(path, "'provenance' must be an object")
@@ -102,17 +125,53 @@ def read_best(path: str | Path) -> dict[str, Any]:
     return validate_best(data, p)
 
 
-def knobs_for_context(best: dict[str, Any], context_len: int | None = None) -> dict[str, Any]:
-    """The knobs for `context_len`: the nearest measured length (ties go to the longer one).
+def context_entry(best: dict[str, Any], context_len: int | None = None) -> dict[str, Any]:
+    """The entry for `context_len`: the nearest measured length (ties go to the longer one).
 
     With no context length, the longest measured context is used: the setting that was proven on the
     most demanding prompt.
     """
     contexts = sorted(best["contexts"], key=lambda e: e["context_len"])
     if context_len is None:
-        return dict(contexts[-1]["knobs"])
-    chosen = min(contexts, key=lambda e: (abs(e["context_len"] - context_len), -e["context_len"]))
-    return dict(chosen["knobs"])
+        return contexts[-1]
+    return min(contexts, key=lambda e: (abs(e["context_len"] - context_len), -e["context_len"]))
+
+
+def knobs_for_context(best: dict[str, Any], context_len: int | None = None) -> dict[str, Any]:
+    """The knobs of `context_entry(best, context_len)`."""
+    return dict(context_entry(best, context_len)["knobs"])
+
+
+def target_mismatches(best: dict[str, Any], *, model_id: str | None = None, config_hash: str | None = None,
+                      device_name: str | None = None) -> list[str]:
+    """How the target differs from what `best` was measured on: model (by config hash) and device name.
+
+    A checkpoint copied to another path is the same model, so the id alone never counts; a field the
+    file or the caller does not know is not compared.
+    """
+    prov = best.get("provenance") or {}
+    out = []
+    made_hash, made_id = prov.get("model_config_hash"), prov.get("model_id")
+    if config_hash and made_hash and config_hash != made_hash:
+        out.append(f"model {made_id!r} (config {str(made_hash)[:12]}), not {model_id!r} (config {config_hash[:12]})")
+    made_dev = prov.get("device_name")
+    if device_name and made_dev and device_name != made_dev:
+        out.append(f"device {made_dev!r}, not {device_name!r}")
+    return out
+
+
+def check_target(best: dict[str, Any], path: str | Path, *, allow_mismatch: bool = False,
+                 model_id: str | None = None, config_hash: str | None = None,
+                 device_name: str | None = None) -> list[str]:
+    """UserError if `best` was made for another model or device (unless `allow_mismatch`).
+
+    Returns the mismatches (empty when it fits), so a caller that allowed them can say so.
+    """
+    found = target_mismatches(best, model_id=model_id, config_hash=config_hash, device_name=device_name)
+    if found and not allow_mismatch:
+        raise UserError(f"best.json {path} was measured on {'; '.join(found)}: export one for this model and "
+                        f"device, or pass --allow-mismatch to apply it anyway")
+    return found
 
 
 def write_best(path: str | Path, data: dict[str, Any]) -> Path:

@@ -5,21 +5,30 @@ The runtime wraps any `step(token [B,1], state pytree) -> (logits [B,1,V], state
 * compiled: torch.compile of the whole step (one graph of fused kernels per shape).
 * graph: a device graph captured once over static token/state buffers and replayed per token; the state
   is updated in place inside the graph, so replay costs one launch and no host synchronisation. Where the
-  model offers an in-place batch-1 step on fused kernels (CUDA with Triton), that step is captured for
-  batch 1; otherwise, with the `compile` option on (default), the compiled step is.
+  model offers an in-place step on fused kernels (CUDA with Triton), that step is captured for the batch
+  sizes it supports (1..16); otherwise, with the `compile` option on (default), the compiled step is.
+  One graph (and one set of static buffers) per batch size: a batch of another size captures again.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
 from xlstm_tune.errors import DeviceUnavailableError
 from xlstm_tune.runtime import device as dev
+from xlstm_tune.runtime.tiles import RunStats
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
-InPlaceStepFn = Callable[[Tensor, Any], Tensor]  # (token [1, 1], state advanced in place) -> logits
+
+
+class InPlaceStepFn(Protocol):
+    """(token [B, 1], state advanced in place) -> logits, for the batch sizes `supports` accepts."""
+
+    def __call__(self, token: Tensor, state: Any) -> Tensor: ...
+
+    def supports(self, batch: int) -> bool: ...
 
 
 def _flatten(state: Any) -> list[Tensor]:
@@ -29,22 +38,26 @@ def _flatten(state: Any) -> list[Tensor]:
 class EagerStep:
     mode = "eager"
 
-    def __init__(self, step: StepFn, device: torch.device):
+    def __init__(self, step: StepFn, device: torch.device, stats: RunStats | None = None):
         self.step = step
+        self.stats = stats or RunStats()
 
     def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        self.stats.decoded("eager")
         return self.step(token, state)
 
 
 class CompiledStep:
     mode = "compiled"
 
-    def __init__(self, step: StepFn, device: torch.device):
+    def __init__(self, step: StepFn, device: torch.device, stats: RunStats | None = None):
         if not dev.compile_available(device):
             raise DeviceUnavailableError(f"decode_mode=compiled needs torch.compile, which is not usable on {device}: use decode_mode=eager")
         self.step = torch.compile(step, dynamic=False)
+        self.stats = stats or RunStats()
 
     def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        self.stats.decoded("compiled")
         return self.step(token, state)
 
 
@@ -54,7 +67,7 @@ class GraphStep:
     mode = "graph"
 
     def __init__(self, step: StepFn, device: torch.device, compile_step: bool = False,
-                 in_place_step: InPlaceStepFn | None = None):
+                 in_place_step: InPlaceStepFn | None = None, stats: RunStats | None = None):
         if not dev.graphs_available(device):
             raise DeviceUnavailableError(
                 f"decode_mode=graph needs device graphs (CUDA); {device.type} has none: use decode_mode=compiled or eager"
@@ -63,6 +76,7 @@ class GraphStep:
         self.step = torch.compile(step, dynamic=False) if compile_step else step
         self.in_place_step = in_place_step
         self.device = device
+        self.stats = stats or RunStats()
         self.fused = False  # whether the captured graph is the in-place fused step
         self.graph: Any = None
         self.static_token: Tensor | None = None
@@ -72,7 +86,8 @@ class GraphStep:
     def _capture(self, token: Tensor, state: Any) -> None:
         self.static_token = token.clone()
         self.static_state = [tuple(t.clone() for t in block) for block in state]
-        self.fused = self.in_place_step is not None and tuple(token.shape) == (1, 1)
+        self.fused = (self.in_place_step is not None and token.shape[1] == 1
+                      and self.in_place_step.supports(int(token.shape[0])))
         # Warm up on a side stream (required before capture), then capture the step plus the in-place
         # state update, so a replay advances the state by itself.
         self.graph, self.static_logits = dev.capture_graph(self.device, self._step_in_place)
@@ -93,19 +108,22 @@ class GraphStep:
                 dst.copy_(src)
         self.static_token.copy_(token)
         self.graph.replay()
+        self.stats.decoded("graph:fused" if self.fused else "graph:step")
         return self.static_logits, self.static_state
 
 
 def make_decode_step(mode: str, step: StepFn, device: torch.device, compile_step: bool = True,
-                     in_place_step: InPlaceStepFn | None = None) -> Any:
+                     in_place_step: InPlaceStepFn | None = None, stats: RunStats | None = None) -> Any:
     """`compile_step` (the `compile` option) also compiles the step that `graph` captures;
-    `in_place_step`, if given, is what `graph` captures for batch 1."""
+    `in_place_step`, if given, is what `graph` captures for the batch sizes it supports. Each step run is
+    counted in `stats.decode_paths`."""
     if mode == "eager":
-        return EagerStep(step, device)
+        return EagerStep(step, device, stats)
     if mode == "compiled":
-        return CompiledStep(step, device)
+        return CompiledStep(step, device, stats)
     if mode == "graph":
-        return GraphStep(step, device, compile_step=compile_step and dev.compile_available(device), in_place_step=in_place_step)
+        return GraphStep(step, device, compile_step=compile_step and dev.compile_available(device), in_place_step=in_place_step,
+                         stats=stats)
     raise ValueError(mode)
 
 

@@ -110,6 +110,43 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device("mps", 0)
 
 
+def worker_devices(text: str) -> list[str]:
+    """One device per worker from `--devices`: `cuda:0,cuda:1`, `cpu,cpu,cpu` or `cpu:3` (3 CPU workers).
+
+    A CPU has no index, so `cpu:N` counts workers; every other entry names one device (repeat it to put
+    several workers on it). Each entry is checked to exist here.
+    """
+    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise UserError(f"--devices {text!r} names no device: use e.g. cuda:0,cuda:1 or cpu:3")
+    out: list[str] = []
+    for item in items:
+        kind, _, count = item.partition(":")
+        if kind == "cpu" and count:
+            if not count.isdigit() or int(count) < 1:
+                raise UserError(f"--devices entry {item!r}: cpu:N needs a worker count N >= 1, e.g. cpu:3")
+            out += ["cpu"] * int(count)
+            continue
+        if item == "auto":
+            raise UserError("--devices takes explicit devices (auto picks one): use e.g. cuda:0,cuda:1 or cpu:3")
+        out.append(str(resolve_device(item)))
+    return out
+
+
+def isolated_device(name: str) -> tuple[str, dict[str, str]]:
+    """(the device as a worker that may see only `name` calls it, the environment that hides the others).
+
+    `cuda:N` -> (`cuda:0`, CUDA_VISIBLE_DEVICES=<N's physical id>): a worker can touch no other GPU, and
+    libraries that default to device 0 land on the right one. CPU and MPS have nothing to hide.
+    """
+    dev = resolve_device(name)
+    if dev.type != "cuda":
+        return str(dev), {}
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = visible[dev.index] if dev.index is not None and dev.index < len(visible) else str(dev.index)
+    return "cuda:0", {"CUDA_VISIBLE_DEVICES": physical}
+
+
 # ---- clocks and memory -----------------------------------------------------------------------------
 def synchronize(device: str | torch.device) -> None:
     """Wait for all queued work on `device`; device calls are asynchronous, so timing needs this."""
@@ -357,7 +394,7 @@ def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
 
 
 def fused_decode_kernels(device: str | torch.device) -> ModuleType | None:
-    """The fused batch-1 decode kernels (`kernels.decode_triton`) for this device, or None.
+    """The fused decode kernels (batch 1..16) (`kernels.decode_triton`) for this device, or None.
 
     CUDA with Triton gets them (`decode_mode=graph` captures a step built on them);
     XLSTM_FUSED_DECODE=0 turns them off (A/B measurements, debugging).
@@ -447,3 +484,54 @@ def device_summary(device: str | torch.device) -> dict[str, str]:
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
+
+
+# ---- threads and machine load ----------------------------------------------------------------------
+def available_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(psutil.Process().cpu_affinity()))
+    except (AttributeError, NotImplementedError, psutil.Error, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def physical_cpus() -> int:
+    """Physical cores among the CPUs this process may use (hyper-threads share a core's math units)."""
+    logical_total = psutil.cpu_count(logical=True) or available_cpus()
+    physical_total = psutil.cpu_count(logical=False) or logical_total
+    return max(1, available_cpus() * physical_total // logical_total)
+
+
+def default_threads(device: str | torch.device, concurrent: int = 1) -> int:
+    """torch's intra-op thread count for measurements on `device`.
+
+    CPU: the physical cores this process may use, shared among `concurrent` measuring processes (more
+    threads than cores only adds contention, the main source of noise on a busy machine). CUDA/MPS: the
+    host threads only launch kernels and run small CPU ops, so a few are enough.
+    """
+    dev = _as_device(device)
+    if dev.type == "cpu":
+        return max(1, physical_cpus() // max(1, int(concurrent)))
+    return max(1, min(4, available_cpus()))
+
+
+def default_interop_threads(device: str | torch.device) -> int:
+    """torch's inter-op thread count: 1 on every device; the queued backend runs its own thread pool."""
+    _as_device(device)
+    return 1
+
+
+def accelerator_load(device: str | torch.device) -> dict[str, Any]:
+    """GPU utilisation and clocks where they can be read (CUDA through NVML), else {}; never raises."""
+    dev = _as_device(device)
+    if dev.type != "cuda":
+        return {}
+    out: dict[str, Any] = {}
+    for key, name in (("gpu_util_pct", "utilization"), ("gpu_mem_util_pct", "memory_usage"),
+                      ("gpu_clock_mhz", "clock_rate"), ("gpu_temperature_c", "temperature"),
+                      ("gpu_power_mw", "power_draw")):
+        try:
+            out[key] = float(getattr(torch.cuda, name)(dev))
+        except Exception:  # noqa: BLE001 - NVML absent, no permission, an old driver: simply not readable
+            continue
+    return out

@@ -39,6 +39,22 @@ ENV_VARS = {
 
 KNOBS = ("backend", "chunk_size", "heads_per_band", "workers", "t_inner", "streams", "decode_mode")
 
+# Sane bounds of the integer knobs (inclusive). A value outside is a typo or a unit mistake, never a
+# setting worth measuring: chunks longer than 65,536 tokens exceed any prompt we measure, and more
+# coordinator threads or streams than these only add contention. heads_per_band is also checked
+# against the model (`check_for_model`).
+KNOB_BOUNDS = {"chunk_size": (1, 65536), "heads_per_band": (1, 4096), "workers": (1, 256),
+               "t_inner": (1, 65536), "streams": (0, 64)}
+
+
+def check_knob_bounds(name: str, value: int) -> None:
+    """UserError when an integer knob is outside its sane bounds (KNOB_BOUNDS)."""
+    low, high = KNOB_BOUNDS[name]
+    if value < low:
+        raise UserError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise UserError(f"{name} must be <= {high} (a sane maximum), got {value}: pick a value in {low}..{high}")
+
 
 def normalize_backend(name: str) -> str:
     """Map any accepted spelling (`chunkwise--queued_compiled_steps`, `queued_compiled_steps`, `queued`)."""
@@ -115,14 +131,8 @@ class RuntimeOptions:
         if mode not in DECODE_MODES:
             raise UserError(f"unknown decode_mode {self.decode_mode!r}: use one of {', '.join(DECODE_MODES)}")
         set_(self, "decode_mode", mode)
-        if self.chunk_size < 1:
-            raise UserError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        if self.heads_per_band < 1:
-            raise UserError(f"heads_per_band must be >= 1, got {self.heads_per_band}")
-        if self.workers < 1:
-            raise UserError(f"workers must be >= 1, got {self.workers}")
-        if self.streams < 0:
-            raise UserError(f"streams must be >= 0, got {self.streams}")
+        for name in KNOB_BOUNDS:
+            check_knob_bounds(name, getattr(self, name))
         if self.t_inner < 1 or self.chunk_size % self.t_inner != 0:
             raise UserError(
                 f"t_inner={self.t_inner} must divide chunk_size={self.chunk_size}: "
@@ -185,11 +195,18 @@ class RuntimeOptions:
 
     @classmethod
     def from_best(cls, path: str | Path, context_len: int | None = None, base: "RuntimeOptions | None" = None) -> "RuntimeOptions":
-        """Options from a validated best.json (DESIGN.md §4), for the nearest measured context length."""
-        from xlstm_tune.runtime.best_file import read_best, knobs_for_context
+        """Options from a validated best.json (DESIGN.md §4), for the nearest measured context length.
+
+        The knobs and the file's `compile` setting; the process-wide settings it records (dtype, threads,
+        CUDA switches) are `runtime.settings.RuntimeSettings`, applied by `resolve_runtime(...)`.
+        """
+        from xlstm_tune.runtime.best_file import context_entry, read_best
 
         best = read_best(path)
-        knobs = knobs_for_context(best, context_len)
+        knobs = dict(context_entry(best, context_len)["knobs"])
+        compile_ = (best.get("runtime") or {}).get("compile")
+        if compile_ is not None:
+            knobs["compile"] = compile_
         return (base or cls()).replace(**knobs)
 
     @classmethod
@@ -202,16 +219,14 @@ class RuntimeOptions:
         environ: Mapping[str, str] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> "RuntimeOptions":
-        """Layer the sources: CLI flag > best.json > environment > config file > built-in default."""
-        opts = cls()
-        if config:
-            unknown = set(config) - set(cls.field_names())
-            if unknown:
-                raise UserError(f"unknown runtime option(s) {sorted(unknown)}: known are {list(cls.field_names())}")
-            opts = opts.replace(**dict(config))
-        opts = cls.from_env(environ, base=opts)
-        if best is not None:
-            opts = cls.from_best(best, context_len, base=opts)
-        if cli:
-            opts = opts.replace(**{k: v for k, v in cli.items() if v is not None})
+        """Layer the sources: CLI flag > best.json > environment > config file > built-in default.
+
+        The knobs alone; `runtime.settings.resolve_runtime` returns them with the process-wide settings.
+        """
+        from xlstm_tune.runtime.best_file import read_best
+        from xlstm_tune.runtime.settings import resolve_runtime
+
+        doc = read_best(best) if best is not None else None
+        opts, _ = resolve_runtime(cli=cli, best=doc, best_path=best, context_len=context_len, environ=environ,
+                                  config=config)
         return opts

@@ -1,10 +1,12 @@
 """Tile kernels: what one scheduler task computes for one head band.
 
-* step-block tile: walk the band's chunks in strict time order; each chunk is advanced by
-  `chunk_size / t_inner` calls of the (compiled) step-block, each covering `t_inner` steps.
+* step tile: one task = one chunk of one head band, advanced by `chunk_size / t_inner` calls of the
+  (compiled) step-block, each covering `t_inner` steps (the ragged last chunk gets shorter blocks).
 * chunkwise tile: the chunkwise-parallel form over the band with the given chunk size.
 
-Schedulers (inline, queued, ray) decide where and how concurrently bands run; they never touch the math.
+Schedulers (inline, queued, ray) decide where and how concurrently the chunks of different bands run;
+the chunks of one band always run in time order, each from the state the previous one left. They never
+touch the math.
 """
 from __future__ import annotations
 
@@ -51,11 +53,29 @@ class CompileGate:
         self._running = 0
         self._compiling = False
         self._compiles_waiting = 0
+        self._warm_waiting = 0
+
+    def _snapshot(self) -> dict[str, int]:
+        return {"running": self._running, "compiling": int(self._compiling),
+                "compiles_waiting": self._compiles_waiting, "warm_waiting": self._warm_waiting}
+
+    def state(self) -> dict[str, int]:
+        """Calls inside and queued at the gate: running, compiling (0/1), compiles_waiting, warm_waiting."""
+        with self._cond:
+            return self._snapshot()
+
+    def wait_until(self, predicate: Callable[[dict[str, int]], bool], timeout: float) -> bool:
+        """Block until `predicate(state())` holds (True) or `timeout` seconds pass (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self._snapshot()), timeout)
 
     @contextlib.contextmanager
     def warm_call(self) -> Iterator[None]:
         with self._cond:
+            self._warm_waiting += 1
+            self._cond.notify_all()
             self._cond.wait_for(lambda: not self._compiling and not self._compiles_waiting)
+            self._warm_waiting -= 1
             self._running += 1
         try:
             yield
@@ -68,6 +88,7 @@ class CompileGate:
     def compiling(self) -> Iterator[None]:
         with self._cond:
             self._compiles_waiting += 1
+            self._cond.notify_all()
             self._cond.wait_for(lambda: not self._compiling and self._running == 0)
             self._compiles_waiting -= 1
             self._compiling = True
@@ -126,20 +147,34 @@ def compiled(name: str, fn: Callable[..., Any]) -> CompiledKernel:
 
 @dataclass
 class RunStats:
-    """What actually ran: lets a benchmark prove that a knob took effect."""
+    """What actually ran, counted where it happens: lets a benchmark prove that a knob took effect.
 
-    kernel_paths: Counter = field(default_factory=Counter)  # e.g. "mlstm.step_block.compiled": calls
-    tasks_dispatched: int = 0
+    Counters are incremented by the code that does the work (a tile when it runs a kernel or finishes a
+    chunk, a scheduler when it dispatches a task or makes a remote call), never copied from the options.
+    """
+
+    kernel_paths: Counter = field(default_factory=Counter)  # e.g. "mlstm.step_block.compiled": calls made
+    tasks_dispatched: int = 0  # scheduler tasks handed out (one chunk of one band; native mLSTM: one band)
     compiled_calls: int = 0
     eager_calls: int = 0
-    chunk_sizes: set = field(default_factory=set)
+    tokens_prefilled: int = 0  # tokens through the mLSTM cells, summed over layers
+    chunks_run: int = 0  # chunks finished by the tiles, summed over bands and layers
+    chunk_lengths: set = field(default_factory=set)  # lengths (steps) of the chunks that ran
+    step_block_lengths: set = field(default_factory=set)  # lengths (steps) of the step-block calls made
+    band_widths: set = field(default_factory=set)  # heads per task that ran
     cell_products: set = field(default_factory=set)  # "tf32" or "ieee": how the chunkwise cell's products ran
-    band_widths: set = field(default_factory=set)
-    t_inner: set = field(default_factory=set)
-    tokens_prefilled: int = 0
+    peak_in_flight: int = 0  # most tasks the queued dispatcher had submitted and not yet collected
+    stream_tasks: int = 0  # tasks issued on a side device stream (queued with streams > 0)
+    ray_remote_calls: int = 0  # actor method calls the Ray scheduler made
+    decode_paths: Counter = field(default_factory=Counter)  # one-token decode steps run, by decode path
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    _COUNTS = ("tasks_dispatched", "compiled_calls", "eager_calls", "tokens_prefilled", "chunks_run",
+               "stream_tasks", "ray_remote_calls")
+    _SETS = ("chunk_lengths", "step_block_lengths", "band_widths", "cell_products")
+
     def add(self, path: str, calls: int = 1, *, is_compiled: bool) -> None:
+        """`calls` kernel calls made on `path`."""
         with self._lock:
             self.kernel_paths[path] += calls
             if is_compiled:
@@ -147,38 +182,60 @@ class RunStats:
             else:
                 self.eager_calls += calls
 
+    def decoded(self, path: str) -> None:
+        """One decode step ran on `path` (eager, compiled, graph:fused, graph:step)."""
+        with self._lock:
+            self.decode_paths[path] += 1
+
+    def count(self, **increments: int) -> None:
+        """Add to integer counters, e.g. count(chunks_run=1)."""
+        with self._lock:
+            for key, value in increments.items():
+                if key not in self._COUNTS:
+                    raise KeyError(key)
+                setattr(self, key, getattr(self, key) + value)
+
     def note(self, **values: Any) -> None:
+        """Record a value seen into a set field, e.g. note(band_widths=3)."""
         with self._lock:
             for key, value in values.items():
-                if key == "tasks":
-                    self.tasks_dispatched += value
-                elif key == "tokens":
-                    self.tokens_prefilled += value
-                else:
-                    getattr(self, key).add(value)
+                if key not in self._SETS:
+                    raise KeyError(key)
+                getattr(self, key).add(value)
+
+    def peak(self, in_flight: int) -> None:
+        with self._lock:
+            self.peak_in_flight = max(self.peak_in_flight, in_flight)
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add another RunStats' `as_dict()` (e.g. counted inside a Ray actor) into this one."""
+        with self._lock:
+            self.kernel_paths.update(other["kernel_paths"])
+            self.decode_paths.update(other["decode_paths"])
+            for key in self._COUNTS:
+                setattr(self, key, getattr(self, key) + other[key])
+            for key in self._SETS:
+                getattr(self, key).update(other[key])
+            self.peak_in_flight = max(self.peak_in_flight, other["peak_in_flight"])
 
     def reset(self) -> None:
         with self._lock:
             self.kernel_paths.clear()
-            self.tasks_dispatched = self.compiled_calls = self.eager_calls = self.tokens_prefilled = 0
-            self.chunk_sizes.clear()
-            self.cell_products.clear()
-            self.band_widths.clear()
-            self.t_inner.clear()
+            self.decode_paths.clear()
+            for key in self._COUNTS:
+                setattr(self, key, 0)
+            for key in self._SETS:
+                getattr(self, key).clear()
+            self.peak_in_flight = 0
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "kernel_paths": dict(self.kernel_paths),
-                "tasks_dispatched": self.tasks_dispatched,
-                "compiled_calls": self.compiled_calls,
-                "eager_calls": self.eager_calls,
-                "chunk_sizes": sorted(self.chunk_sizes),
-                "cell_products": sorted(self.cell_products),
-                "band_widths": sorted(self.band_widths),
-                "t_inner": sorted(self.t_inner),
-                "tokens_prefilled": self.tokens_prefilled,
-            }
+            out: dict[str, Any] = {"kernel_paths": dict(self.kernel_paths)}
+            out.update({key: getattr(self, key) for key in self._COUNTS})
+            out.update({key: sorted(getattr(self, key)) for key in self._SETS})
+            out["peak_in_flight"] = self.peak_in_flight
+            out["decode_paths"] = dict(self.decode_paths)
+            return out
 
 
 @dataclass(frozen=True)
@@ -188,59 +245,99 @@ class TileConfig:
     compile: bool
 
 
-def _blocks(seq_len: int, chunk_size: int, t_inner: int) -> list[tuple[int, int]]:
-    """(start, length) of step-blocks covering the sequence chunk by chunk, in time order.
-
-    Every full block has `t_inner` steps (one compiled shape); a chunk's remainder (only in the last,
-    partial chunk) becomes one shorter block.
-    """
-    out = []
-    for c0 in range(0, seq_len, chunk_size):
-        c1 = min(c0 + chunk_size, seq_len)
-        for b0 in range(c0, c1, t_inner):
-            out.append((b0, min(b0 + t_inner, c1) - b0))
-    return out
+def spans(length: int, size: int) -> list[tuple[int, int]]:
+    """(start, length) pieces of `size` covering 0..length in order; the last one may be shorter."""
+    return [(t0, min(size, length - t0)) for t0 in range(0, length, size)]
 
 
-def mlstm_step_tile(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State,
-                    cfg: TileConfig, stats: RunStats) -> tuple[Tensor, State]:
-    """Step-block tile for one band: strict time order, chunk by chunk."""
+def _step_blocks(name: str, cfg: TileConfig, stats: RunStats, steps: int,
+                 block: Callable[[int, int, Any], tuple[Tensor, Any]], state: Any) -> tuple[list[Tensor], Any]:
+    """Advance one chunk of `steps` steps by step-block calls of `cfg.t_inner` steps (the last may be
+    shorter), in time order. `block(t0, n, state)` makes one call."""
+    outs = []
+    for t0, n in spans(steps, cfg.t_inner):
+        out, state = block(t0, n, state)
+        outs.append(out)
+        stats.note(step_block_lengths=n)
+    stats.add(f"{name}.step_block." + ("compiled" if cfg.compile else "eager"), len(outs), is_compiled=cfg.compile)
+    stats.count(chunks_run=1)
+    stats.note(chunk_lengths=steps)
+    return outs, state
+
+
+def mlstm_step_chunk(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State,
+                     cfg: TileConfig, stats: RunStats) -> tuple[Tensor, State]:
+    """One chunk of one band (time dim 2) by step-blocks; returns h [B, Hb, chunk, V] and the new state."""
+    watchdog.checkpoint()  # chunk boundary: a hard memory abort stops here at the latest
     fn = compiled("mlstm_step_block", mlstm_step_block) if cfg.compile else mlstm_step_block
-    path = "mlstm.step_block." + ("compiled" if cfg.compile else "eager")
-    hs = []
-    blocks = _blocks(q.shape[2], cfg.chunk_size, cfg.t_inner)
-    for n, (t0, length) in enumerate(blocks):
-        if n % max(1, cfg.chunk_size // cfg.t_inner) == 0:
-            watchdog.checkpoint()  # chunk boundary: a hard memory abort stops here at the latest
-        sl = slice(t0, t0 + length)
-        h, state = fn(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl], f[:, :, sl], state)
-        hs.append(h)
-    stats.add(path, len(blocks), is_compiled=cfg.compile)
-    return torch.cat(hs, dim=2), state
+    stats.note(band_widths=q.shape[1])
+
+    def block(t0: int, n: int, st: State) -> tuple[Tensor, State]:
+        sl = slice(t0, t0 + n)
+        return fn(q[:, :, sl], k[:, :, sl], v[:, :, sl], i[:, :, sl], f[:, :, sl], st)
+
+    hs, state = _step_blocks("mlstm", cfg, stats, q.shape[2], block, state)
+    return (hs[0] if len(hs) == 1 else torch.cat(hs, dim=2)), state
+
+
+def slstm_step_chunk(wx: Tensor, r: Tensor, b: Tensor, state: SState, cfg: TileConfig, stats: RunStats) -> tuple[Tensor, SState]:
+    """One chunk of one band, sLSTM (no parallel form). wx: [B, chunk, 4, Hb, D]; returns y [B, chunk, Hb, D]."""
+    watchdog.checkpoint()
+    fn = compiled("slstm_step_block", slstm_step_block) if cfg.compile else slstm_step_block
+    stats.note(band_widths=wx.shape[3])
+    ys, state = _step_blocks("slstm", cfg, stats, wx.shape[1],
+                             lambda t0, n, st: fn(wx[:, t0:t0 + n], r, b, st), state)
+    return (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)), state
 
 
 def mlstm_chunk_tile(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, state: State,
                      cfg: TileConfig, stats: RunStats) -> tuple[Tensor, State]:
-    """Chunkwise-parallel tile: one call over the band (compiled where asked)."""
+    """Chunkwise-parallel tile: one call over the band (compiled where asked); the kernel runs the full
+    chunks of `chunk_size` in one batched pass and the tail as one shorter chunk."""
     watchdog.checkpoint()
     fn = compiled("mlstm_chunkwise", mlstm_chunkwise) if cfg.compile else mlstm_chunkwise
     tf32 = uses_tf32_cell_products(q)
     with tf32_cell_products(tf32):
         h, state = fn(q, k, v, i, f, state, chunk_size=cfg.chunk_size)
-    stats.note(cell_products="tf32" if tf32 else "ieee")
+    chunks = spans(q.shape[2], cfg.chunk_size)
+    stats.note(cell_products="tf32" if tf32 else "ieee", band_widths=q.shape[1])
+    for _, n in chunks:
+        stats.note(chunk_lengths=n)
+    stats.count(chunks_run=len(chunks))
     stats.add("mlstm.chunkwise." + ("compiled" if cfg.compile else "eager"), 1, is_compiled=cfg.compile)
     return h, state
 
 
-def slstm_step_tile(wx: Tensor, r: Tensor, b: Tensor, state: SState, cfg: TileConfig, stats: RunStats) -> tuple[Tensor, SState]:
-    """sLSTM has no parallel form: step-blocks in strict time order. wx: [B, S, 4, Hb, D]."""
-    fn = compiled("slstm_step_block", slstm_step_block) if cfg.compile else slstm_step_block
-    ys = []
-    blocks = _blocks(wx.shape[1], cfg.chunk_size, cfg.t_inner)
-    for n, (t0, length) in enumerate(blocks):
-        if n % max(1, cfg.chunk_size // cfg.t_inner) == 0:
-            watchdog.checkpoint()
-        y, state = fn(wx[:, t0:t0 + length], r, b, state)
-        ys.append(y)
-    stats.add("slstm.step_block." + ("compiled" if cfg.compile else "eager"), len(blocks), is_compiled=cfg.compile)
-    return torch.cat(ys, dim=1), state
+# A step tile per cell kind: the function that runs one chunk of one band, and the inputs' time dim.
+STEP_TILES: dict[str, tuple[Callable[..., Any], int]] = {
+    "mlstm": (mlstm_step_chunk, 2),
+    "slstm": (slstm_step_chunk, 1),
+}
+
+
+@dataclass
+class BandWork:
+    """One head band's prefill: per-time inputs (sliced chunk by chunk), constant inputs, the state.
+
+    `state` is the band's running float32 state; it is replaced after each chunk, so chunk c+1 of the
+    band always starts from the state chunk c left.
+    """
+
+    seq: tuple[Tensor, ...]
+    const: tuple[Tensor, ...]
+    state: tuple[Tensor, ...]
+    outs: list[Tensor] = field(default_factory=list)
+
+
+def chunk_inputs(kind: str, work: BandWork, span: tuple[int, int]) -> tuple[Tensor, ...]:
+    """The per-time inputs of one chunk (views into the band's inputs)."""
+    _, dim = STEP_TILES[kind]
+    t0, n = span
+    return tuple(x.narrow(dim, t0, n) for x in work.seq)
+
+
+def run_chunk(kind: str, seq: tuple[Tensor, ...], const: tuple[Tensor, ...], state: tuple[Tensor, ...],
+              cfg: TileConfig, stats: RunStats) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One task: one chunk of one band through its step tile."""
+    fn, _ = STEP_TILES[kind]
+    return fn(*seq, *const, state, cfg, stats)

@@ -402,7 +402,7 @@ class MemoryWatchdog:
                     logger.warning("memory watchdog: empty_cache on %s failed: %s", self.device, err)
 
     def _abort(self, message: str) -> None:
-        logger.error("%s; aborting", message)
+        logger.info("%s; aborting", message)  # the MemoryAbort carries the message to whoever reports it
         with self._lock:
             self._abort_message = message
             if self._armed and not self._injected and self._target is not None and self._target.ident is not None:

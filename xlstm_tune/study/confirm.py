@@ -3,16 +3,20 @@
 The top `top_k` feasible trials per criterion (prefill tok/s at each context length; decode tok/s) are
 re-measured in one worker, interleaved with the default configuration (D, C1, D, C2, ..., the candidate
 order rotating each round), so slow drift of the machine (heat, background load) hits both sides alike.
-Speed-up = candidate median / default median from the same round. The fidelity check is repeated too.
+Each candidate measurement is paired with the default's measurement right before it; the speed-up is the
+geometric mean of the per-round ratios with a bootstrap interval, and each phase gets a verdict (wins /
+not worse / traded / worse / not enough evidence: `study.significance`). The fidelity check is repeated.
 
-Choosing the best per context length, among confirmed candidates that passed fidelity and the default:
+A candidate can be chosen only if it passed fidelity and is a *winner*: it wins (interval above 1) on a
+phase it is chosen for and no measured phase is worse beyond `[confirm] max_trade`. Among the winners,
+per context length:
 
-    only prefill objectives   highest confirmed prefill tok/s at that length
-    only decode_tok_s         highest confirmed decode tok/s (the same knobs for every length)
-    both (Pareto study)       highest geometric mean of the two speed-ups over the default, so neither
-                              phase is traded away for the other; ties go to the faster prefill
+    only prefill objectives   highest prefill speed-up at that length
+    only decode_tok_s         highest decode speed-up
+    both (Pareto study)       highest geometric mean of the two speed-ups; it must win on at least one
+                              phase and be no worse on the other; ties go to the faster prefill
 
-A best that does not beat the default is the default itself (speed-up 1.0).
+When no candidate wins, the default stays: its entry says `"winner": false` and why.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any
 
 from xlstm_tune.bench.stats import summarize
 from xlstm_tune.study.records import is_feasible, measured
+from xlstm_tune.study.significance import NO_EVIDENCE, Rule, estimate, fmt_interval, is_winner
 
 
 def selection_mode(objectives: Sequence[str]) -> str:
@@ -86,15 +91,26 @@ def _num(v: Any) -> float | None:
     return float(v)
 
 
-def signature(default_key: str, candidates: Sequence[Mapping[str, Any]], rounds: int, repeats: int) -> str:
-    """Identifies a confirmation round; an unchanged signature means the stored round still holds."""
+def signature(default_key: str, candidates: Sequence[Mapping[str, Any]], rounds: int, repeats: int,
+              *, rule: Mapping[str, Any] | None = None) -> str:
+    """Identifies a confirmation round; an unchanged signature means the stored round still holds.
+
+    It names the decision rule too: a changed `confidence`, `max_trade` or `min_rounds` decides anew.
+    """
     keys = ",".join(sorted(c["key"] for c in candidates))
-    return f"default={default_key};candidates={keys};rounds={rounds};repeats={repeats}"
+    r = Rule.from_mapping(rule)
+    return (f"default={default_key};candidates={keys};rounds={rounds};repeats={repeats};paired=1;"
+            f"confidence={r.confidence};max_trade={r.max_trade};min_rounds={r.min_rounds}")
 
 
 def summarize_round(raw: Mapping[str, Any], default: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]],
-                    context_lens: Sequence[int]) -> dict[str, Any]:
-    """Per configuration: summaries of the interleaved samples, fidelity, speed-ups over the default."""
+                    context_lens: Sequence[int], *, rule: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Per configuration: summaries of the interleaved samples, fidelity, paired speed-ups over the default.
+
+    Candidates get `paired` ({"prefill": {L: estimate}, "decode": estimate}, each estimate a
+    `significance.Estimate` dict) and `speedup_prefill` / `speedup_decode` (the estimates' point values).
+    """
+    the_rule = Rule.from_mapping(rule)
     configs = [dict(default, role="default", trials=list(default.get("trials", [])))] + [
         dict(c, role="candidate") for c in candidates]
     results = raw.get("configs", {})
@@ -111,19 +127,40 @@ def summarize_round(raw: Mapping[str, Any], default: Mapping[str, Any], candidat
         dec = res.get("decode") or []
         entry["decode"] = summarize(dec).metric_dict() | {"samples": dec} if dec else None
         out.append(entry)
-    _speedups(out, context_lens)
-    return {"configs": out, "sequence": list(raw.get("sequence", [])), "duration_s": raw.get("duration_s")}
+    _paired(out, raw.get("pairs") or [], context_lens, the_rule)
+    rounds = max((int(p.get("round", 0)) + 1 for p in raw.get("pairs") or []), default=0)
+    return {"configs": out, "sequence": list(raw.get("sequence", [])), "duration_s": raw.get("duration_s"),
+            "rule": the_rule.to_dict(), "paired_rounds": rounds}
 
 
-def _speedups(entries: list[dict[str, Any]], context_lens: Sequence[int]) -> None:
+def _paired(entries: list[dict[str, Any]], pairs: Sequence[Mapping[str, Any]], context_lens: Sequence[int],
+            rule: Rule) -> None:
+    """Paired estimates per candidate and phase; without pairs (replay), the ratio of medians, no evidence."""
     base = entries[0]
-    for e in entries:
-        e["speedup_prefill"] = {}
+    base["paired"] = None
+    base["speedup_prefill"] = {str(n): 1.0 if base["prefill"].get(str(n)) else None for n in context_lens}
+    base["speedup_decode"] = 1.0 if base["decode"] else None
+    for e in entries[1:]:
+        mine = [p for p in pairs if p.get("key") == e["key"]]
+        paired: dict[str, Any] = {"prefill": {}, "decode": None}
         for n in context_lens:
-            b, c = base["prefill"].get(str(n)), e["prefill"].get(str(n))
-            e["speedup_prefill"][str(n)] = (c["median"] / b["median"]) if (b and c and b["median"] > 0) else None
-        b, c = base["decode"], e["decode"]
-        e["speedup_decode"] = (c["median"] / b["median"]) if (b and c and b["median"] > 0) else None
+            est = estimate([(p["default"]["prefill"].get(str(n)), p["candidate"]["prefill"].get(str(n)))
+                            for p in mine], rule)
+            paired["prefill"][str(n)] = est.to_dict() if est else _unpaired(base["prefill"].get(str(n)),
+                                                                             e["prefill"].get(str(n)))
+        est = estimate([(p["default"].get("decode"), p["candidate"].get("decode")) for p in mine], rule)
+        paired["decode"] = est.to_dict() if est else _unpaired(base["decode"], e["decode"])
+        e["paired"] = paired
+        e["speedup_prefill"] = {n: (v or {}).get("speedup") for n, v in paired["prefill"].items()}
+        e["speedup_decode"] = (paired["decode"] or {}).get("speedup")
+
+
+def _unpaired(base: Mapping[str, Any] | None, cand: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Figures without a pairing (a replayed record): a ratio of medians that is no evidence of anything."""
+    if not (base and cand and base["median"] > 0):
+        return None
+    return {"speedup": cand["median"] / base["median"], "low": None, "high": None, "rounds": 0,
+            "verdict": NO_EVIDENCE, "ratios": []}
 
 
 def _passed(entry: Mapping[str, Any]) -> bool:
@@ -131,38 +168,87 @@ def _passed(entry: Mapping[str, Any]) -> bool:
     return entry.get("error") is None and bool(fid.get("passed"))
 
 
+def _phases(e: Mapping[str, Any], n: str) -> dict[str, dict[str, Any] | None]:
+    paired = e.get("paired") or {}
+    return {"prefill": (paired.get("prefill") or {}).get(n), "decode": paired.get("decode")}
+
+
+def _chosen_for(mode: str) -> tuple[str, ...]:
+    return {"prefill": ("prefill",), "decode": ("decode",)}.get(mode, ("prefill", "decode"))
+
+
+def _score(e: Mapping[str, Any], n: str, mode: str) -> tuple[float, float] | None:
+    """(objective score, tie-break) from the paired speed-ups; None if the objective was not measured."""
+    sp, sd = e["speedup_prefill"].get(n), e["speedup_decode"]
+    if mode == "decode":
+        return (sd, sp or 0.0) if sd else None
+    if mode == "prefill":
+        return (sp, sd or 0.0) if sp else None
+    return (math.sqrt(sp * sd), sp) if (sp and sd) else None
+
+
 def choose_best(summary: Mapping[str, Any], context_lens: Sequence[int], mode: str) -> dict[str, dict[str, Any]]:
-    """Context length -> the chosen entry (see the module docstring). Empty if nothing passed fidelity."""
-    entries = [e for e in summary["configs"] if _passed(e)]
+    """Context length -> the chosen entry (see the module docstring), with `winner` and `reason` added.
+
+    The default is chosen (`winner` False) when no candidate wins; a length is left out only when the
+    default itself has no usable measurement and nothing wins.
+    """
+    default = summary["configs"][0]
+    cands = [e for e in summary["configs"][1:]]
+    rule = Rule.from_mapping(summary.get("rule"))
     best: dict[str, dict[str, Any]] = {}
-    for n in context_lens:
-        scored = []
-        for e in entries:
-            pre = e["prefill"].get(str(n))
-            dec = e["decode"]
-            if mode == "decode":
-                score = dec["median"] if dec else None
-                tie = pre["median"] if pre else 0.0
-            elif mode == "prefill":
-                score = pre["median"] if pre else None
-                tie = dec["median"] if dec else 0.0
-            else:
-                sp, sd = e["speedup_prefill"].get(str(n)), e["speedup_decode"]
-                score = math.sqrt(sp * sd) if (sp and sd) else None
-                tie = pre["median"] if pre else 0.0
-            if score is not None:
-                scored.append((score, tie, e["role"] == "default", e))
-        if not scored:
-            continue
-        scored.sort(key=lambda t: (t[0], t[1], t[2]), reverse=True)
-        best[str(n)] = scored[0][3]
+    for n in (str(x) for x in context_lens):
+        passed = [e for e in cands if _passed(e)]
+        winners = []
+        for e in passed:
+            verdicts = {p: (est or {}).get("verdict") for p, est in _phases(e, n).items()}
+            score = _score(e, n, mode)
+            if score is not None and is_winner(verdicts, _chosen_for(mode)):
+                winners.append((score, e))
+        if winners:
+            winners.sort(key=lambda t: t[0], reverse=True)
+            best[n] = dict(winners[0][1], winner=True, reason=None)
+        elif _passed(default) and _score(default, n, mode) is not None:
+            best[n] = dict(default, winner=False, reason=_no_winner_reason(cands, passed, n, mode, rule))
     return best
+
+
+def _no_winner_reason(cands: Sequence[Mapping[str, Any]], passed: Sequence[Mapping[str, Any]], n: str, mode: str,
+                      rule: Rule) -> str:
+    if not cands:
+        return "no candidate to confirm: no feasible trial other than the default"
+    if not passed:
+        return "no candidate passed the fidelity check in the confirmation round"
+    scored = [(s, e) for e in passed if (s := _score(e, n, mode)) is not None]
+    if not scored:
+        return "no candidate measured the objective in the confirmation round"
+    _, e = max(scored, key=lambda t: t[0])
+    phases = _phases(e, n)
+    rounds = max((est or {}).get("rounds", 0) for c in passed for est in _phases(c, n).values() if est)
+    closest = f"closest: {_label(e)} " + ", ".join(
+        f"{p} {fmt_interval(est)} {est['verdict']}" for p, est in phases.items() if est)
+    if rounds < rule.min_rounds:
+        return (f"not enough evidence: {rounds} paired round(s), at least {rule.min_rounds} needed "
+                f"([confirm] rounds); {closest}")
+    trade = f" beyond max_trade {rule.max_trade:g}" if rule.max_trade > 0 else ""
+    return (f"no candidate is faster than the default with {rule.confidence:.0%} confidence without being "
+            f"slower on the other phase{trade}; {closest}")
+
+
+def _label(e: Mapping[str, Any]) -> str:
+    return f"trial #{e['trials'][0]}" if e.get("trials") else e["key"]
 
 
 def best_contexts(summary: Mapping[str, Any], chosen: Mapping[str, Mapping[str, Any]], records: Mapping[int, Mapping[str, Any]],
                   mode: str) -> list[dict[str, Any]]:
-    """The `contexts` entries of best.json (tracking.best_export.build_best validates them)."""
+    """The `contexts` entries of best.json (tracking.best_export.build_best validates them).
+
+    `winner` says whether the entry beat the default (False: the default kept, `reason` says why);
+    `confirmation` holds the paired speed-ups with their intervals and verdicts (for a kept default:
+    those of the closest candidate, so a reader sees what was tried).
+    """
     default = summary["configs"][0]
+    rule = Rule.from_mapping(summary.get("rule"))
     out = []
     for n_text, e in sorted(chosen.items(), key=lambda kv: int(kv[0])):
         trial = e["trials"][0] if e["trials"] else None
@@ -180,6 +266,13 @@ def best_contexts(summary: Mapping[str, Any], chosen: Mapping[str, Mapping[str, 
             metrics["trial_prefill_tok_s"] = rec.get(f"prefill_tok_s_ctx{n_text}")
             metrics["trial_decode_tok_s"] = rec.get("decode_tok_s")
             metrics["compile_s"] = rec.get("compile_s")
+        winner = bool(e.get("winner", e["role"] != "default"))
+        shown = e if winner else _closest(summary, n_text, mode)
+        confirmation: dict[str, Any] = {**rule.to_dict(), "paired_rounds": summary.get("paired_rounds", 0)}
+        if shown is not None:
+            confirmation.update({"of": "winner" if winner else "closest candidate", "key": shown["key"],
+                                 "trial_number": shown["trials"][0] if shown.get("trials") else None,
+                                 **{p: _brief(est) for p, est in _phases(shown, n_text).items()}})
         out.append({
             "context_len": int(n_text),
             "knobs": dict(e["knobs"]),
@@ -188,10 +281,24 @@ def best_contexts(summary: Mapping[str, Any], chosen: Mapping[str, Mapping[str, 
             "trial_number": trial,
             "mlflow_run_id": rec.get("mlflow_run_id"),
             "is_default": e["role"] == "default",
+            "winner": winner,
+            "reason": e.get("reason"),
+            "confirmation": confirmation,
             "selection": mode,
             "confirmed": True,
         })
     return out
+
+
+def _closest(summary: Mapping[str, Any], n: str, mode: str) -> Mapping[str, Any] | None:
+    scored = [(s, e) for e in summary["configs"][1:] if _passed(e) and (s := _score(e, n, mode)) is not None]
+    return max(scored, key=lambda t: t[0])[1] if scored else None
+
+
+def _brief(est: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if not est:
+        return None
+    return {k: est[k] for k in ("speedup", "low", "high", "rounds", "verdict")}
 
 
 def _strip(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -201,8 +308,10 @@ def _strip(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 
 def replay_round(records_by_key: Mapping[str, Mapping[str, Any]], default: Mapping[str, Any],
-                 candidates: Sequence[Mapping[str, Any]], context_lens: Sequence[int]) -> dict[str, Any]:
-    """A confirmation 'round' from recorded figures (replay mode measures nothing)."""
+                 candidates: Sequence[Mapping[str, Any]], context_lens: Sequence[int],
+                 *, rule: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A confirmation 'round' from recorded figures (replay mode measures nothing, so it pairs nothing:
+    every candidate lacks evidence and the default stays)."""
     raw: dict[str, Any] = {"configs": {}, "sequence": []}
     for cfg in [default, *candidates]:
         rec = records_by_key.get(cfg["key"])
@@ -217,4 +326,4 @@ def replay_round(records_by_key: Mapping[str, Mapping[str, Any]], default: Mappi
             "decode": [rec["decode_tok_s"]] if _num(rec.get("decode_tok_s")) is not None else [],
             "fidelity": fid, "error": None,
         }
-    return summarize_round(raw, default, candidates, context_lens)
+    return summarize_round(raw, default, candidates, context_lens, rule=rule)

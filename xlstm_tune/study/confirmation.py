@@ -35,12 +35,12 @@ def run_confirmation(s: StudySession) -> dict[str, Any] | None:
     cands = confirm_mod.select_candidates(s.sorted_records(), confirm_mod.criteria(p.objectives, lens), c["top_k"],
                                           c["max_candidates"], default["key"])
     replay = p.src is not None
-    sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"]) + f";mode={mode};replay={replay}"
+    sig = confirm_mod.signature(default["key"], cands, c["rounds"], c["repeats"], rule=c) + f";mode={mode};replay={replay}"
     existing = read_confirm(p.files)
     if existing is not None and existing.get("signature") == sig:
         return existing
     if replay:
-        summary = confirm_mod.replay_round(s.evaluator.records_by_key(), default, cands, lens)
+        summary = confirm_mod.replay_round(s.evaluator.records_by_key(), default, cands, lens, rule=c)
     else:
         configs = [{"key": e["key"], "knobs": e["knobs"]} for e in [default, *cands]]
         s.err.write(f"Confirmation round: {len(cands)} candidate(s) against the default, "
@@ -55,7 +55,7 @@ def run_confirmation(s: StudySession) -> dict[str, Any] | None:
                 s.notes.append(f"confirmation round attempt {attempt} failed ({f.reason}: {f.message})")
         if raw is None:
             return None
-        summary = confirm_mod.summarize_round(raw, default, cands, lens)
+        summary = confirm_mod.summarize_round(raw, default, cands, lens, rule=c)
     base = summary["configs"][0]
     if mode == "balanced" and (base.get("error") or not base.get("decode")):
         mode = "prefill"

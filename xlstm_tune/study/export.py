@@ -62,6 +62,17 @@ def provenance(meta: Mapping[str, Any], contexts: list[dict[str, Any]]) -> dict[
     }
 
 
+def runtime_settings(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """best.json's `runtime`: the settings the trial worker measured with (compile, dtype, threads, switches)."""
+    runtime = meta.get("runtime")
+    if not isinstance(runtime, Mapping):
+        return None
+    from xlstm_tune.runtime.settings import RuntimeSettings
+
+    keep = {"compile", *RuntimeSettings.field_names()}
+    return {k: v for k, v in runtime.items() if k in keep}
+
+
 def build_study_best(files: StudyFiles, context_len: int | None = None) -> dict[str, Any]:
     """The validated best.json document for a study directory (UserError if it cannot be built)."""
     if not files.root.is_dir():
@@ -86,7 +97,7 @@ def build_study_best(files: StudyFiles, context_len: int | None = None) -> dict[
         if not contexts:
             raise UserError(f"--context-len {context_len} was not measured by study {files.root.name!r}: "
                             f"use one of {measured}")
-    return build_best(contexts, provenance(meta, contexts))
+    return build_best(contexts, provenance(meta, contexts), runtime_settings(meta))
 
 
 def export_study(out_dir: str | Path, study: str, out: str | Path | None = None,

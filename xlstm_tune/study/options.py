@@ -34,6 +34,11 @@ class StudyOptions:
     objectives: list[str] | None = None
     progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
     argv: list[str] | None = None
+    devices: list[str] | None = None  # one trial worker process per entry (study.fleet)
+    ray_address: str | None = None  # trial workers on a Ray cluster (study.fleet)
+    trials_only: bool = False  # a fleet worker: run trials, leave confirmation and wrap-up to the launcher
+    config: str | None = None  # runtime configuration file: settings as flags, its knobs measured first
+    runtime: dict[str, Any] = field(default_factory=dict)  # threads, interop_threads, tf32_cell, ... flags
     heartbeat_interval: int = 10  # seconds between a running trial's heartbeats
     grace_period: int = 60  # seconds without a heartbeat after which another process reclaims a trial
     rebuild_views: bool = False  # rewrite trials.jsonl, summary.csv and MLflow runs from the storage, measure nothing

@@ -126,7 +126,7 @@ def make_plan(o: StudyOptions) -> StudyPlan:
         spec, study_name=o.study_name, n_trials=o.n_trials, sampler=o.sampler, seed=o.seed, timeout=o.timeout,
         trial_timeout=o.trial_timeout, model=o.model, device=o.device, dtype=o.dtype, compile=o.compile,
         context_lens=o.context_lens, new_tokens=o.new_tokens, repeats=o.repeats, objectives=o.objectives,
-        prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs)
+        prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, config=o.config, runtime=o.runtime)
     if src is not None and o.study_name is None:
         spec.study["name"] = f"{src.study_name}-replay-{spec.study['sampler']}-s{spec.study['seed']}"
     name = check_study_name(spec.name)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from xlstm_tune.errors import storage_fault
 from xlstm_tune.study.records import is_feasible, mlflow_payload, user_attrs
 from xlstm_tune.study.session import StudySession
 
@@ -65,12 +66,15 @@ def log_mlflow(s: StudySession, rec: dict[str, Any]) -> None:
     try:
         run_id = s.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
                                      artifacts=[a for a in artifacts if a.exists()],
-                                     status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED")
+                                     status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED",
+                                     started_at=rec.get("started_at"), finished_at=rec.get("finished_at"))
         s.run_ids[rec["number"]] = run_id
         best = best_so_far(s)
         if best:
             s.tracker.log_parent_metrics(best, step=rec["number"])
     except Exception as exc:  # the storage holds the record; `study --rebuild-views` logs it later
+        if storage_fault(exc):
+            raise  # a full or read-only disk: stop the study (the CLI says so in one line)
         if not s.mlflow_warned:
             s.err.write(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); the trial is recorded in "
                         f"the Optuna storage and is logged by the next run (or study --rebuild-views)\n")

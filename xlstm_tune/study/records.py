@@ -90,7 +90,7 @@ def build_record(
     if traceback:
         rec["traceback"] = traceback[-4000:]
     for k in ("flags", "stats", "outputs", "duration_s", "worker_pid", "peak_mem_mb", "duplicate_of",
-              "replayed_from"):
+              "replayed_from", "runtime"):
         if k in outcome and outcome[k] not in (None, [], {}):
             rec[k] = outcome[k]
     for k, v in (extra or {}).items():
@@ -143,7 +143,7 @@ def mlflow_payload(rec: Mapping[str, Any], *, device: Mapping[str, Any] | None =
         if rec.get(k) != v:
             params[f"sampled_{k}"] = v
     metrics: dict[str, float] = {}
-    skip = {"number", "worker_pid"}
+    skip = {"number", "worker_pid", "study_pid"}
     for k, v in rec.items():
         if k in skip or k in KNOBS:
             continue

@@ -5,6 +5,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from xlstm_tune.runtime.options import KNOBS
+from xlstm_tune.study.significance import fmt_interval
+
 
 def _fmt_rate(v: Any) -> str:
     if v is None:
@@ -40,8 +43,41 @@ def counts_line(records: Sequence[Mapping[str, Any]]) -> str:
     return "Trials: " + "; ".join(parts)
 
 
+def _vs(est: Mapping[str, Any] | None) -> str:
+    """`1.84x [1.62-2.10] wins`: the paired speed-up, its interval and the verdict."""
+    return "-" if not est else f"{fmt_interval(est)} {est.get('verdict', '')}".rstrip()
+
+
+def _knob_line(k: Mapping[str, Any]) -> str:
+    return " ".join(f"{name}={k.get(name)}" for name in KNOBS)
+
+
+def _confirmation_lines(conf: Mapping[str, Any]) -> list[str]:
+    """Every confirmed candidate against the default, per phase: speed-up [interval] verdict."""
+    cands = conf.get("configs", [])[1:]
+    if not cands:
+        return []
+    rule = conf.get("rule") or {}
+    lens = list(conf["configs"][0].get("prefill", {}))
+    lines = ["", f"Confirmation: {conf.get('paired_rounds', 0)} paired round(s); speed-up over the default "
+                 f"[{float(rule.get('confidence', 0.95)):.0%} interval] and verdict "
+                 f"(max_trade {float(rule.get('max_trade', 0.0)):g}, at least {rule.get('min_rounds', 3)} rounds):"]
+    rows = []
+    for e in cands:
+        paired = e.get("paired") or {}
+        fid = e.get("fidelity") or {}
+        status = "error" if e.get("error") else ("ok" if fid.get("passed") else "fidelity failed")
+        changed = {k: v for k, v in e["knobs"].items() if conf["configs"][0]["knobs"].get(k) != v}
+        rows.append([f"#{e['trials'][0]}" if e.get("trials") else e["key"][:12],
+                     " ".join(f"{k}={v}" for k, v in changed.items()) or "(as the default)",
+                     *[_vs((paired.get("prefill") or {}).get(n)) for n in lens], _vs(paired.get("decode")), status])
+    return lines + _table(["trial", "knobs unlike the default", *[f"prefill {n}" for n in lens], "decode", "fidelity"],
+                          rows)
+
+
 def render(summary: Mapping[str, Any]) -> str:
-    """Text for stdout. `summary` keys: study, contexts (best.json entries), default, records, paths, notes."""
+    """Text for stdout. `summary` keys: study, contexts (best.json entries), default, confirmation (the
+    round's summary), records, paths, notes. Knob values are the canonical ones (what ran)."""
     lines: list[str] = []
     lines.append(f"Study {summary['study']!r}: {summary.get('headline', '')}".rstrip())
     lines.append(counts_line(summary.get("records", [])))
@@ -53,26 +89,30 @@ def render(summary: Mapping[str, Any]) -> str:
         for c in contexts:
             k, m = c["knobs"], c["metrics"]
             pre, dec = m.get("prefill_tok_s") or {}, m.get("decode_tok_s") or {}
+            conf = c.get("confirmation") or {}
+            winner = c.get("winner", not c.get("is_default"))
             rows.append([
                 str(c["context_len"]),
-                "default" if c.get("is_default") else f"#{c.get('trial_number')}",
+                f"#{c.get('trial_number')}" if winner else "default (no winner)",
                 k["backend"], str(k["chunk_size"]), str(k["heads_per_band"]), str(k["workers"]), str(k["t_inner"]),
                 str(k["streams"]), k["decode_mode"],
-                _fmt_rate(pre.get("median")), _fmt_x(m.get("speedup_prefill")),
-                _fmt_rate(dec.get("median")), _fmt_x(m.get("speedup_decode")),
+                _fmt_rate(pre.get("median")), _vs(conf.get("prefill")) if winner else "1.00x",
+                _fmt_rate(dec.get("median")), _vs(conf.get("decode")) if winner else "1.00x",
                 f"{(c.get('fidelity') or {}).get('rel_err', float('nan')):.1e}",
             ])
-        lines += _table(["context", "trial", "backend", "chunk", "hpb", "workers", "t_inner", "streams", "decode",
+        lines += _table(["context", "chosen", "backend", "chunk", "hpb", "workers", "t_inner", "streams", "decode",
                          "prefill tok/s", "vs default", "decode tok/s", "vs default", "rel_err"], rows)
+        for c in contexts:
+            if not c.get("winner", not c.get("is_default")) and c.get("reason"):
+                lines.append(f"No winner at context {c['context_len']}: {c['reason']}")
         d = summary.get("default")
         if d:
-            k = d["knobs"]
-            lines.append(f"Default configuration: backend={k['backend']} chunk_size={k['chunk_size']} "
-                         f"heads_per_band={k['heads_per_band']} workers={k['workers']} t_inner={k['t_inner']} "
-                         f"decode_mode={k['decode_mode']}")
+            lines.append(f"Default configuration: {_knob_line(d['knobs'])}")
     elif summary.get("no_best_reason"):
         lines.append("")
         lines.append(f"No best configuration: {summary['no_best_reason']}")
+    if summary.get("confirmation"):
+        lines += _confirmation_lines(summary["confirmation"])
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     lines.append("")

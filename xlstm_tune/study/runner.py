@@ -40,7 +40,9 @@ from xlstm_tune.study.wrapup import (
     write_meta,
 )
 
-__all__ = ["StudyOptions", "StudyResult", "StudyPlan", "StudySession", "WorkerEvaluator", "effective_objectives",
+StudyRun = StudySession  # what study.fleet is handed: the opened study of the launching process
+
+__all__ = ["StudyRun", "StudyOptions", "StudyResult", "StudyPlan", "StudySession", "WorkerEvaluator", "effective_objectives",
            "run_study"]
 
 
@@ -68,7 +70,19 @@ def _run(s: StudySession) -> StudyResult:
     reconcile(s)
     write_meta(s)
     _seed_queue(s)
+    o = s.plan.opts
+    if o.devices or o.ray_address:
+        from xlstm_tune.study.fleet import run_fleet
+
+        before = s.completed()
+        s.fleet_report = run_fleet(s)  # type: ignore[arg-type]
+        reconcile(s)  # whatever a dead worker left RUNNING
+        s.new_trials += max(0, s.completed() - before)
     run_loop(s)
+    if o.trials_only:
+        final_files(s)
+        write_meta(s)
+        return StudyResult(s.plan.name, s.completed(), s.sorted_records(), [], paths(s), None, s.new_trials, "")
     s.sync()
     data = run_confirmation(s)
     contexts = list(data["contexts"]) if data else []
@@ -131,7 +145,8 @@ def run_study(opts: StudyOptions, out: TextIO | None = None, err: TextIO | None 
             if s.evaluator is not None:
                 s.evaluator.close()
         finally:
-            if s.tracker is not None and s.tracker.parent_run_id is not None:
+            if s.tracker is not None and s.tracker.parent_run_id is not None \
+                    and not opts.trials_only:  # a fleet's parent run is the launcher's to end
                 try:
                     s.tracker.end_parent(status)
                 except Exception:  # noqa: BLE001

@@ -48,6 +48,29 @@ class StudySession:
     sessions: list[dict[str, Any]] | None = None  # run_meta.json's history of invocations
     judge_impl: Any = None
     progress: Any = None
+    comparison_route: str | None = None  # the MLflow UI's saved trial comparison
+    fleet_report: Any = None
+
+    # the names study.fleet reads
+    @property
+    def opts(self) -> Any:
+        return self.plan.opts
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def out_dir(self) -> Any:
+        return self.plan.out_dir
+
+    @property
+    def files(self) -> Any:
+        return self.plan.files
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.plan.tracking_uri
 
     @property
     def experiment_name(self) -> str:
@@ -215,7 +238,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
 
 
 def _start_parent(s: StudySession) -> None:
-    from xlstm_tune.tracking.mlflow_log import StudyTracker, default_artifact_root
+    from xlstm_tune.tracking.mlflow_log import StudyTracker, comparison_columns, default_artifact_root
 
     p = s.plan
     try:
@@ -229,6 +252,8 @@ def _start_parent(s: StudySession) -> None:
                   "sampler": p.sampler_name, "device": p.caps.get("device", ""),
                   "model": p.spec.model["name"], "replay": str(p.src is not None).lower(),
                   "mlflow.note.content": f"xlstm_tune study {p.name}: {p.spec.source}"})
+        s.comparison_route = s.tracker.save_comparison_view(
+            *comparison_columns(p.spec.context_lens, list(p.space.dims)))
     except UserError:
         raise
     except Exception as exc:

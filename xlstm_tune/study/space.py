@@ -24,7 +24,7 @@ from itertools import product
 from typing import Any
 
 from xlstm_tune.errors import UserError
-from xlstm_tune.runtime.options import KNOBS
+from xlstm_tune.runtime.options import BACKENDS, KNOBS
 from xlstm_tune.study.spec import Dimension, ExperimentSpec
 
 DEFAULT_KNOBS = {"backend": "queued", "chunk_size": 32, "heads_per_band": 4, "workers": 4, "t_inner": 4,
@@ -95,12 +95,19 @@ class SearchSpace:
             elif knob == "streams":
                 narrow(knob, lambda v: v == 0 or bool(caps.get("streams")), f"{device} has no device streams",
                        "use streams = [0]")
+            elif knob == "backend":
+                backends = list(caps.get("backends") or BACKENDS)
+                narrow(knob, lambda v: v in backends, f"this installation runs the backends {backends}",
+                       f"use backend from {backends} (ray needs `pip install ray`)")
             elif knob == "heads_per_band":
                 narrow(knob, lambda v: v <= num_heads, f"the model has {num_heads} heads per layer",
                        f"use heads_per_band values in 1..{num_heads}")
             else:
                 dims[knob] = spec.space[knob]
         # fixed knobs must be runnable as they are
+        if "backend" in fixed and fixed["backend"] not in list(caps.get("backends") or BACKENDS):
+            raise UserError(f"backend={fixed['backend']} cannot run in this installation (available: "
+                            f"{list(caps.get('backends') or BACKENDS)}): install its package or pick another backend")
         if "decode_mode" in fixed and fixed["decode_mode"] not in modes:
             raise UserError(f"decode_mode={fixed['decode_mode']} is not available on {device} (available: {modes}): "
                             f"fix [fixed] decode_mode or pass --decode-mode")

@@ -9,11 +9,12 @@ Sections (every key optional except where noted; see docs/STUDY.md and experimen
 
     [study]     name, n_trials, sampler, seed, timeout_s, objectives
     [model]     name, device, dtype, compile, seed
-    [workload]  context_lens, new_tokens, decode_context_len, prompt, prompt_file, prompt_seed
-    [bench]     warmup, repeats, max_cv, max_rounds
+    [workload]  context_lens, new_tokens, decode_context_len, batch_size, prompt, prompt_file, prompt_seed
+    [bench]     warmup, repeats, max_cv, max_rounds, busy_retries, max_other_cpu
+    [runtime]   threads, interop_threads, tf32_cell, fused_decode, triton_gemv (process-wide settings)
     [fidelity]  rel_tol, min_greedy_agreement, prompt_len, decode_steps
     [trial]     timeout_s, worker_start_timeout_s
-    [confirm]   top_k, rounds, repeats, max_candidates
+    [confirm]   top_k, rounds, repeats, max_candidates, confidence, max_trade, min_rounds
     [sampler]   n_startup_trials, population_size (sampler-specific tuning)
     [space]     knob = [choices] or knob = {low, high, step, log}
     [fixed]     knob = value   (knobs not searched; default: the runtime's built-in defaults)
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from xlstm_tune.errors import UserError
-from xlstm_tune.runtime.options import DECODE_MODES, KNOBS, normalize_backend
+from xlstm_tune.runtime.options import DECODE_MODES, KNOBS, check_knob_bounds, normalize_backend
+from xlstm_tune.runtime.settings import DTYPE_NAMES, settings_from_mapping
 
 SAMPLERS = ("tpe", "ga", "random", "grid", "gp", "cmaes")
 SAMPLER_ALIASES = {"nsga2": "ga", "nsgaii": "ga", "nsga-ii": "ga", "bruteforce": "grid"}
@@ -42,9 +44,6 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 # Fidelity tolerance by weight dtype (rel_err of the logits): float32 per DESIGN.md §3; the half
 # types round every activation, so their bound is set by bf16/fp16 epsilon times the model depth.
 DEFAULT_REL_TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-               "float16": "float16", "fp16": "float16"}
-_INT_KNOB_MIN = {"chunk_size": 1, "heads_per_band": 1, "workers": 1, "t_inner": 1, "streams": 0}
 
 _SECTIONS: dict[str, dict[str, Any]] = {
     "study": {"name": "xlstm-study", "n_trials": 20, "sampler": "tpe", "seed": 0, "timeout_s": None,
@@ -54,11 +53,20 @@ _SECTIONS: dict[str, dict[str, Any]] = {
               "enqueue": []},
     "model": {"name": "tiny", "device": "auto", "dtype": "float32", "compile": True, "seed": 0},
     "workload": {"context_lens": [512, 2048], "new_tokens": 32, "decode_context_len": None, "prompt": None,
-                 "prompt_file": None, "prompt_seed": 0},
-    "bench": {"warmup": 1, "repeats": 5, "max_cv": 0.10, "max_rounds": 3},
+                 "prompt_file": None, "prompt_seed": 0,
+                 "batch_size": 1},  # sequences decoded together (decode_tok_s counts batch_size x tokens)
+    # busy_retries: re-measurements of a figure taken while other processes used more than max_other_cpu
+    # of this process's CPUs (bench/load.py); still busy after them, the figure is flagged busy_machine
+    "bench": {"warmup": 1, "repeats": 5, "max_cv": 0.10, "max_rounds": 3, "busy_retries": 1, "max_other_cpu": 0.25},
+    # process-wide settings of every trial (runtime/settings.py); threads None: the device's default
+    "runtime": {"threads": None, "interop_threads": None, "tf32_cell": True, "fused_decode": True,
+                "triton_gemv": True},
     "fidelity": {"rel_tol": None, "min_greedy_agreement": None, "prompt_len": 256, "decode_steps": 8},
     "trial": {"timeout_s": 600.0, "worker_start_timeout_s": 600.0},
-    "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6},
+    # A winner must beat the default with `confidence` (bootstrap interval of the paired per-round ratios)
+    # and lose at most `max_trade` (a fraction) of the other phase; see study/significance.py.
+    "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6, "confidence": 0.95,
+                "max_trade": 0.0, "min_rounds": 3},
     "sampler": {"n_startup_trials": None, "population_size": None},
     # Every trial's continuation is scored (text metrics, perplexity under the canonical path) and judged:
     # `builtin` is an offline heuristic; `ollama` / `openai` call an LLM judge at judge_url; `none` skips it.
@@ -117,6 +125,7 @@ class ExperimentSpec:
     model: dict[str, Any]
     workload: dict[str, Any]
     bench: dict[str, Any]
+    runtime: dict[str, Any]
     fidelity: dict[str, Any]
     trial: dict[str, Any]
     confirm: dict[str, Any]
@@ -152,6 +161,7 @@ class ExperimentSpec:
             "model": copy.deepcopy(self.model),
             "workload": copy.deepcopy(self.workload),
             "bench": copy.deepcopy(self.bench),
+            "runtime": copy.deepcopy(self.runtime),
             "fidelity": {**copy.deepcopy(self.fidelity), "rel_tol": self.rel_tol()},
             "trial": copy.deepcopy(self.trial),
             "confirm": copy.deepcopy(self.confirm),
@@ -168,8 +178,11 @@ class ExperimentSpec:
         study; the model, device, workload, measuring, fidelity, objectives and search space may not.
         """
         d = self.to_dict()
+        if d["workload"].get("batch_size") == 1:  # studies from before batch_size existed decoded one sequence
+            del d["workload"]["batch_size"]
         return {
-            "model": d["model"], "workload": d["workload"], "bench": d["bench"], "fidelity": d["fidelity"],
+            "model": d["model"], "workload": d["workload"], "bench": d["bench"], "runtime": d["runtime"],
+            "fidelity": d["fidelity"],
             "objectives": d["study"]["objectives"], "space": d["space"], "fixed": d["fixed"],
         }
 
@@ -319,7 +332,6 @@ def normalize_knob_value(knob: str, value: Any, where: str) -> Any:
         if mode not in DECODE_MODES:
             raise UserError(f"{where}: unknown decode_mode {value!r}: use {', '.join(DECODE_MODES)}")
         return mode
-    low = _INT_KNOB_MIN[knob]
     if isinstance(value, bool):
         raise UserError(f"{where}: {knob} must be an integer, got {value!r}")
     try:
@@ -328,8 +340,10 @@ def normalize_knob_value(knob: str, value: Any, where: str) -> Any:
         n = None
     if not isinstance(n, int):
         raise UserError(f"{where}: {knob} must be an integer, got {value!r}")
-    if n < low:
-        raise UserError(f"{where}: {knob} must be >= {low}, got {n}")
+    try:
+        check_knob_bounds(knob, n)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
     return n
 
 
@@ -377,6 +391,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     model = _section(doc, "model", source)
     workload = _section(doc, "workload", source)
     bench = _section(doc, "bench", source)
+    runtime = _section(doc, "runtime", source)
     fidelity = _section(doc, "fidelity", source)
     trial = _section(doc, "trial", source)
     confirm = _section(doc, "confirm", source)
@@ -422,6 +437,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     _int(source, "[workload] new_tokens", workload["new_tokens"], 1)
     _int(source, "[workload] decode_context_len", workload["decode_context_len"], 1, allow_none=True)
     _int(source, "[workload] prompt_seed", workload["prompt_seed"], 0)
+    _int(source, "[workload] batch_size", workload["batch_size"], 1)
     for key in ("prompt", "prompt_file"):
         if workload[key] is not None and (not isinstance(workload[key], str) or not workload[key].strip()):
             raise _err(source, f"[workload] {key} must be a non-empty string (or left out)")
@@ -444,6 +460,14 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     for key, low in (("warmup", 0), ("repeats", 1), ("max_rounds", 1)):
         _int(source, f"[bench] {key}", bench[key], low)
     _num(source, "[bench] max_cv", bench["max_cv"])
+    _int(source, "[bench] busy_retries", bench["busy_retries"], 0)
+    _num(source, "[bench] max_other_cpu", bench["max_other_cpu"])
+
+    # [runtime]
+    try:
+        runtime.update({k: v for k, v in settings_from_mapping(runtime, "[runtime]").to_dict().items() if k in runtime})
+    except UserError as exc:
+        raise _err(source, str(exc)) from None
 
     # [fidelity]
     fidelity["rel_tol"] = _num(source, "[fidelity] rel_tol", fidelity["rel_tol"], allow_none=True)
@@ -459,8 +483,15 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     # [trial], [confirm], [sampler]
     trial["timeout_s"] = _num(source, "[trial] timeout_s", trial["timeout_s"])
     trial["worker_start_timeout_s"] = _num(source, "[trial] worker_start_timeout_s", trial["worker_start_timeout_s"])
-    for key, low in (("top_k", 0), ("rounds", 1), ("repeats", 1), ("max_candidates", 1)):
+    for key, low in (("top_k", 0), ("rounds", 1), ("repeats", 1), ("max_candidates", 1), ("min_rounds", 2)):
         _int(source, f"[confirm] {key}", confirm[key], low)
+    confirm["confidence"] = _num(source, "[confirm] confidence", confirm["confidence"])
+    if not 0.5 <= confirm["confidence"] < 1.0:
+        raise _err(source, f"[confirm] confidence must be in 0.5..1 (e.g. 0.95), got {confirm['confidence']}")
+    confirm["max_trade"] = _num(source, "[confirm] max_trade", confirm["max_trade"], positive=False)
+    if not 0.0 <= confirm["max_trade"] < 1.0:
+        raise _err(source, f"[confirm] max_trade is the fraction of a phase a winner may lose, in 0..1 "
+                           f"(e.g. 0.05), got {confirm['max_trade']}")
     _int(source, "[sampler] n_startup_trials", sampler["n_startup_trials"], 0, allow_none=True)
     _int(source, "[sampler] population_size", sampler["population_size"], 2, allow_none=True)
 
@@ -498,16 +529,40 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     if not space:
         raise _err(source, "[space] is empty: give at least one knob with choices, e.g. chunk_size = [16, 32, 64]")
     return ExperimentSpec(source=source, study=study, model=model, workload=workload, bench=bench,
-                          fidelity=fidelity, trial=trial, confirm=confirm, sampler=sampler, quality=quality,
+                          runtime=runtime, fidelity=fidelity, trial=trial, confirm=confirm, sampler=sampler, quality=quality,
                           space=space, fixed=fixed)
 
 
 # ---- CLI overrides -------------------------------------------------------------------------------
+def _apply_config(s: ExperimentSpec, path: str | Path) -> None:
+    """A runtime configuration file (configs/*.toml) on a study: settings as flags, knobs measured first."""
+    from xlstm_tune.runtime.config_file import load_config
+
+    cfg = load_config(path)
+    settings = dict(cfg.settings)
+    if "compile" in settings:
+        s.model["compile"] = bool(settings.pop("compile"))
+    if settings.get("dtype") is not None:
+        s.model["dtype"] = settings.pop("dtype")
+    settings.pop("dtype", None)
+    s.runtime.update({k: v for k, v in settings.items() if v is not None})
+    if cfg.knobs and cfg.knobs not in s.study["enqueue"]:
+        s.study["enqueue"] = [dict(cfg.knobs), *s.study["enqueue"]]
+
+
 def apply_overrides(spec: ExperimentSpec, **over: Any) -> ExperimentSpec:
     """Flags over the spec. Keys: study_name, n_trials, sampler, seed, timeout, model, device, dtype,
     compile, context_lens, new_tokens, repeats, prompt, prompt_file, trial_timeout, knobs (knob -> list
-    of values: one value fixes the knob, several make it a categorical dimension). None means "not given"."""
+    of values: one value fixes the knob, several make it a categorical dimension), config (a runtime
+    configuration file: its settings are applied like flags, its knobs measured first), runtime (settings
+    flags: threads, interop_threads, tf32_cell, fused_decode, triton_gemv). None means "not given"."""
     s = copy.deepcopy(spec)
+    if over.get("config") is not None:
+        _apply_config(s, over["config"])
+    runtime_flags = {k: v for k, v in (over.get("runtime") or {}).items() if v is not None}
+    if runtime_flags:
+        s.runtime.update({k: v for k, v in settings_from_mapping(
+            {**s.runtime, **runtime_flags}, "flags").to_dict().items() if k in runtime_flags})
     if over.get("study_name") is not None:
         s.study["name"] = over["study_name"]
     if over.get("n_trials") is not None:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from xlstm_tune.errors import UserError
+from xlstm_tune.study.journal_check import check_journal
 
 JOURNAL_NAME = "optuna.journal"
 _DB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql", "cockroachdb")
@@ -91,6 +92,7 @@ def open_storage(url: str | None, out_dir: str | Path, *, heartbeat_interval: in
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            check_journal(path, out_dir)  # a torn tail is repaired, real damage refused (journal_check)
             return JournalStorage(JournalFileBackend(str(path)))
         except OSError as exc:
             raise UserError(f"cannot open the Optuna journal {path}: {exc.strerror or exc}: "

@@ -52,6 +52,14 @@ class AskedTrial:
         return int(self.trial.number)
 
 
+def _ran_by() -> dict[str, Any]:
+    """Which process ran a trial: host, pid and (in a fleet) the worker's label, for the record."""
+    import socket
+
+    return {"study_host": socket.gethostname(), "study_pid": os.getpid(),
+            "fleet_worker": os.environ.get("XLSTM_TUNE_FLEET_WORKER") or None}
+
+
 def prepare(s: StudySession, trial: Any) -> AskedTrial:
     """Sample the trial's params and resolve them to knobs (runs under the storage mutex)."""
     p = s.plan
@@ -63,7 +71,7 @@ def prepare(s: StudySession, trial: Any) -> AskedTrial:
                              "is_default": None,
                              "baseline": True if trial.user_attrs.get("baseline") else None,
                              "owner": s.owner,
-                             "started_at": now_iso()}
+                             "started_at": now_iso(), **_ran_by()}
     invalid = p.space.check(raw)
     if invalid is not None:
         return AskedTrial(trial, params, raw, None, None, invalid, extra)

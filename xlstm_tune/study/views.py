@@ -114,6 +114,12 @@ def view_records(plan: StudyPlan, study: Any, run_ids: Mapping[int, str]) -> lis
     return rows
 
 
+def _summary_row(rec: Mapping[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in rec.items() if k not in ("traceback", "params")}
+    row["sampled_params"] = rec.get("params")  # the sampler's raw values; the knob columns ran
+    return row
+
+
 def write_file_views(plan: StudyPlan, study: Any, run_ids: Mapping[int, str]) -> list[dict[str, Any]]:
     """Rewrite trials.jsonl and summary.csv from the storage (under the study folder's lock, so the last
     writer of processes sharing the folder writes the newest state); returns the rows."""
@@ -122,5 +128,5 @@ def write_file_views(plan: StudyPlan, study: Any, run_ids: Mapping[int, str]) ->
     with FolderLock(plan.files.root):
         rows = view_records(plan, study, run_ids)
         plan.files.rewrite_trials(rows)
-        plan.files.write_summary_csv([{k: v for k, v in r.items() if k != "traceback"} for r in rows])
+        plan.files.write_summary_csv([_summary_row(r) for r in rows])
     return rows

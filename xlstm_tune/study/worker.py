@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from xlstm_tune.atomic_files import write_text_atomic
 from xlstm_tune.errors import UserError
 from xlstm_tune.study.faults import classify_exception, describe_signal
 
@@ -233,8 +234,13 @@ class _Session:
         )
         from xlstm_tune.bench.workload import PromptSource, describe_model, open_model, prompt_ids, where
 
+        from xlstm_tune.runtime.settings import RuntimeSettings
+
         t0 = time.perf_counter()
         self.setup = setup
+        # Threads and kernel switches first: torch fixes its inter-op pool at the first parallel work.
+        self.runtime = {"compile": bool(setup["compile"]), **RuntimeSettings(
+            dtype=setup["dtype"], **setup.get("runtime", {})).apply(setup["device"], setup.get("concurrent", 1))}
         self.watchdog_config = memory_guard("cpu").config  # XLSTM_MEM_* checked once, up front
         self.model_info = describe_model(setup["model"])
         self.compile = bool(setup["compile"])
@@ -246,6 +252,7 @@ class _Session:
         self.lengths = list(setup["context_lens"])
         self.new_tokens = int(setup["new_tokens"])
         self.decode_len = setup.get("decode_context_len") or min(self.lengths)
+        self.batch_size = int(setup.get("batch_size", 1))
         self.prompts: dict[int | None, Any] = {n: prompt_ids(self.model, n, self.source)
                                                for n in set(self.lengths) | {self.decode_len}}
         fid = setup["fidelity"]
@@ -277,6 +284,7 @@ class _Session:
             "load_s": time.perf_counter() - t0,
             "reference_s": ref_s,
             "reference_cached": ref_s == 0.0,
+            "runtime": self.runtime,
             "decode_prompt_text": self.model.decode(self.prompts[self.decode_len][0].tolist())[:20000],
         }
 
@@ -336,19 +344,21 @@ class _Session:
                 inject(msg["fault"], device=self.device, busy_work=lambda: self.model(ids))
             report = run_benchmark(self.model, self.lengths, self.source, self.new_tokens, self.settings,
                                    decode_context_len=self.decode_len, model_info=self.model_info,
-                                   prompts=self.prompts)
+                                   prompts=self.prompts, batch_size=self.batch_size)
         outputs: dict[str, str] = {}
         if report.decode is not None:
             text_path = self.outputs / f"trial_{number}.txt"
-            text_path.write_text(self.model.decode(report.decode.tokens), encoding="utf-8")
+            write_text_atomic(text_path, self.model.decode(report.decode.tokens))
             csv_path = write_decode_csv(self.outputs / f"trial_{number}_decode.csv", report.decode.steps)
             outputs = {"continuation": str(text_path), "decode_csv": str(csv_path)}
         quality = self._quality(report.decode.tokens) if report.decode is not None else {}
         return {
             "type": "result",
             "number": number,
-            "metrics": report.flat(),
+            "metrics": {**report.flat(), "threads": self.runtime["threads"],
+                        "interop_threads": self.runtime["interop_threads"]},
             "fidelity": fidelity,
+            "runtime": self.runtime,
             "stats": {f"ctx{p.context_len}": p.stats for p in report.prefill},
             "flags": report.flags,
             "outputs": outputs,
@@ -359,7 +369,12 @@ class _Session:
         }
 
     def confirm(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Interleaved re-measurement: per round D, C1, D, C2, ..., D, Ck (candidate order rotates)."""
+        """Interleaved re-measurement: per round D, C1, D, C2, ..., D, Ck (candidate order rotates).
+
+        Besides each configuration's pooled samples, `pairs` keeps every candidate measurement with the
+        default's measurement taken right before it (same round, same moment of the machine): the paired
+        statistics of `study.significance` need the pairing that pooling loses.
+        """
         from xlstm_tune.bench.harness import BenchSettings, run_benchmark
 
         configs = msg["configs"]
@@ -370,12 +385,17 @@ class _Session:
             for c in configs
         }
         sequence: list[str] = []
+        pairs: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         for r in range(int(msg["rounds"])):
             shift = r % len(candidates) if candidates else 0
             order = candidates[shift:] + candidates[:shift]
             seq = [c for cand in order for c in (default, cand)] or [default]
+            before: dict[str, Any] | None = None  # the default's measurement right before this candidate
             for cfg in seq:
+                is_default = cfg is default
+                if is_default:
+                    before = None
                 res = results[cfg["key"]]
                 if res["error"] is not None:
                     continue
@@ -385,16 +405,23 @@ class _Session:
                         res["fidelity"] = self._fidelity()
                     rep = run_benchmark(self.model, self.lengths, self.source, self.new_tokens, settings,
                                         decode_context_len=self.decode_len, model_info=self.model_info,
-                                        prompts=self.prompts, record_steps=False)
+                                        prompts=self.prompts, record_steps=False, batch_size=self.batch_size)
                 except Exception as exc:  # one candidate's failure must not lose the others
                     res["error"] = _error_reply(exc)
                     continue
-                for p in rep.prefill:
-                    res["prefill"][str(p.context_len)].extend(p.tok_s.samples)
-                if rep.decode is not None:
-                    res["decode"].extend(rep.decode.tok_s.samples)
+                measurement = {"prefill": {str(p.context_len): list(p.tok_s.samples) for p in rep.prefill},
+                               "decode": list(rep.decode.tok_s.samples) if rep.decode is not None else []}
+                for n, samples in measurement["prefill"].items():
+                    res["prefill"][n].extend(samples)
+                res["decode"].extend(measurement["decode"])
                 sequence.append(cfg["key"])
-        return {"type": "result", "configs": results, "sequence": sequence, "duration_s": time.perf_counter() - t0}
+                if is_default:
+                    before = measurement
+                elif before is not None:
+                    pairs.append({"round": r, "key": cfg["key"], "default": before, "candidate": measurement})
+                    before = None
+        return {"type": "result", "configs": results, "sequence": sequence, "pairs": pairs,
+                "duration_s": time.perf_counter() - t0}
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xlstm_tune import __version__
+from xlstm_tune.errors import storage_fault
 from xlstm_tune.study.export import confirm_path
 from xlstm_tune.study.recording import best_so_far, write_views
 from xlstm_tune.study.report import render
@@ -77,6 +78,7 @@ def write_meta(s: StudySession, final: bool = False) -> None:
         "model_info": p.model_info,
         "capabilities": p.caps,
         "device_summary": s.device_summary,
+        "runtime": runtime_in_force(s),
         "prompt": s.prompt_text(),
         "prompt_source": p.prompt.describe(),
         "storage": p.storage_label,
@@ -95,6 +97,25 @@ def write_meta(s: StudySession, final: bool = False) -> None:
         "sessions": s.sessions,
     }
     p.files.write_run_meta(meta)
+
+
+def runtime_in_force(s: StudySession) -> dict[str, Any] | None:
+    """The worker's settings (compile, dtype, threads, CUDA switches) as it measured with them."""
+    info = s.evaluator is not None and s.evaluator.info
+    if info and info.get("runtime"):
+        return dict(info["runtime"])
+    return (s.plan.previous_meta or {}).get("runtime")
+
+
+def busy_note(s: StudySession) -> str | None:
+    """A warning when figures were taken on a busy machine (bench/load.py), else None."""
+    busy = sorted(n for n, r in s.records.items() if r.get("busy_machine"))
+    if not busy:
+        return None
+    return (f"warning: {len(busy)} trial(s) were measured on a busy machine (other processes took more than "
+            f"{s.plan.spec.bench['max_other_cpu']:.0%} of the CPUs after re-measuring): trials {busy[:10]}"
+            f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine, re-run on an idle "
+            f"machine to trust them")
 
 
 def _same_best(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -138,6 +159,8 @@ def parent_wrapup(s: StudySession, contexts: list[dict[str, Any]]) -> None:
         arts = [x for x in (f.run_meta_path, f.trials_path, f.summary_path, f.best_path, confirm_path(f)) if x.is_file()]
         s.tracker.log_parent_artifacts(arts)
     except Exception as exc:  # noqa: BLE001
+        if storage_fault(exc):
+            raise
         s.err.write(f"warning: MLflow parent run update failed: {exc}\n")
 
 
@@ -152,6 +175,8 @@ def plots_and_report(s: StudySession) -> None:
         if outcome.notes:
             s.notes.extend(n for n in outcome.notes if not n.startswith("MLflow:"))
     except Exception as exc:  # noqa: BLE001 - a plotting problem must not cost the measured study
+        if storage_fault(exc):
+            raise
         s.err.write(f"warning: plots/report not written: {exc}\n")
 
 
@@ -159,8 +184,7 @@ def summary_text(s: StudySession, contexts: list[dict[str, Any]], data: Mapping[
     """The terminal summary: the table, the winner per context length, notes, paths and next commands."""
     p = s.plan
     o = p.opts
-    # the knobs that ran (canonical), as the records, report.md and MLflow show them
-    default = dict(data["summary"]["configs"][0], knobs=p.space.canonical(p.space.default_knobs())) if data else None
+    default = data["summary"]["configs"][0] if data else None  # its knobs are the canonical ones
     if data is None:
         note = None
     elif data.get("replay"):
@@ -175,6 +199,10 @@ def summary_text(s: StudySession, contexts: list[dict[str, Any]], data: Mapping[
         "",
         f"Compare runs:   python -m xlstm_tune ui --out-dir {p.out_dir}" + (
             f" --tracking-uri {o.tracking_uri}" if o.tracking_uri else ""),
+    ]
+    if s.comparison_route:
+        hints.append(f"                then open http://127.0.0.1:5000/{s.comparison_route} (the trials side by side)")
+    hints += [
         f"Study history:  python -m xlstm_tune dashboard --out-dir {p.out_dir}" + (
             f" --storage {o.storage}" if o.storage else ""),
     ]
@@ -187,9 +215,10 @@ def summary_text(s: StudySession, contexts: list[dict[str, Any]], data: Mapping[
         "records": s.sorted_records(),
         "contexts": contexts,
         "default": default,
+        "confirmation": data["summary"] if data else None,
         "confirm_note": note,
         "no_best_reason": reason,
-        "notes": s.notes,
+        "notes": s.notes + [n for n in (busy_note(s),) if n],
         "paths": paths(s),
         "hints": hints,
     })

@@ -10,6 +10,12 @@ kill, and both need runs addressed by id and found again by tag:
 
 Re-running `log_trial` for a trial already on record (resume) logs nothing twice, and a child left
 RUNNING by a killed process is marked KILLED and replaced.
+
+Several processes may open one fresh store at once (`study --devices`, a Ray cluster): `prepare_store`
+creates MLflow's schema under an exclusive lock (a file lock next to a sqlite file, an advisory lock on
+PostgreSQL), because MLflow's own store constructor races on `CREATE TABLE`. The experiment opens on
+the runs table (`mlflow.experimentKind`), carries a saved comparison view of the trials
+(`comparison_route`), and keeps its artifacts in the store it belongs to (`_follow_store`).
 """
 from __future__ import annotations
 
@@ -37,6 +43,13 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_SUPERSEDED = "xlstm_tune.superseded_by_retry"
 TAG_PARAM_CHANGED = "xlstm_tune.param_changed."
+# The MLflow UI opens an experiment of this kind on its runs table, not on the GenAI overview.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A view of the runs table saved as an experiment tag: `#/experiments/<id>?viewStateShareKey=<key>`
+# opens it (the UI's "share view" mechanism, mlflow.sharedViewState.<key>, read as plain JSON).
+TAG_SHARED_VIEW = "mlflow.sharedViewState."
+COMPARISON_VIEW_KEY = "xlstm-tune-trials"
 
 STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 # A child in one of these states is the trial's record: logging the trial again returns it.
@@ -97,10 +110,107 @@ def resolve_tracking_uri(cli_uri: str | None, out_dir: str | Path, environ: Mapp
 
 def _ensure_sqlite_dir(uri: str) -> None:
     # sqlite creates the db file but not its directory; MLflow then fails with an opaque OperationalError.
-    if uri.startswith("sqlite:///"):
-        db = uri[len("sqlite:///"):].split("?", 1)[0]
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+    db = _sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if not db or db == ":memory:" else Path(db)
+
+
+def with_installed_driver(uri: str) -> str:
+    """`postgresql://...` with the PostgreSQL driver that is installed (psycopg 3 if psycopg2 is absent).
+
+    SQLAlchemy reads a bare `postgresql://` as psycopg2; the project depends on psycopg (3).
+    """
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        return uri
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    return uri
+
+
+_PREPARED: set[str] = set()
+# Any fixed 64-bit number: the advisory lock that serialises MLflow schema creation on PostgreSQL.
+_PG_SCHEMA_LOCK = 0x786C73746D5F6D6C  # "xlstm_ml"
+
+
+def prepare_store(uri: str) -> None:
+    """Make sure the store's schema exists, creating it under an exclusive lock; once per process.
+
+    MLflow's SqlAlchemyStore checks for its tables and creates them without a lock, so processes that
+    open a fresh store together fail with `table ... already exists`. Here the first process creates
+    the schema while the others wait on the lock and then find it complete. A server (http) store
+    creates its own schema. The known race is retried once in case another program (not holding our
+    lock) created the tables at the same moment.
+    """
+    if uri in _PREPARED or urlparse(uri).scheme.lower() in ("http", "https", "databricks"):
+        return
+    _ensure_sqlite_dir(uri)
+    for attempt in (1, 2):
+        try:
+            with _schema_lock(uri):
+                _open_store(uri)
+            break
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy's OperationalError/ProgrammingError
+            if attempt == 2 or "already exists" not in str(exc):
+                raise
+            log.info("MLflow schema of %s was being created by another process; retrying once", uri)
+    _PREPARED.add(uri)
+
+
+def _open_store(uri: str) -> None:
+    # The store object is what creates the tables; MLflow caches it per URI, so later clients reuse it.
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    _get_store(uri)
+
+
+class _schema_lock:
+    """An exclusive lock for creating the schema: flock on `<db>.schema.lock`, or pg_advisory_lock."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._fd: int | None = None
+        self._conn: Any = None
+        self._engine: Any = None
+
+    def __enter__(self) -> "_schema_lock":
+        db = _sqlite_path(self.uri)
+        scheme = urlparse(self.uri).scheme.lower().split("+", 1)[0]
+        if db is not None:
+            import fcntl
+
+            self._fd = os.open(f"{db}.schema.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        elif scheme in ("postgresql", "postgres"):
+            import sqlalchemy
+
+            self._engine = sqlalchemy.create_engine(self.uri, poolclass=sqlalchemy.pool.NullPool)
+            self._conn = self._engine.connect()
+            self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_SCHEMA_LOCK})
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+        if self._conn is not None:
+            import sqlalchemy
+
+            try:
+                self._conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_SCHEMA_LOCK})
+            finally:
+                self._conn.close()
+                self._engine.dispose()
+                self._conn = None
 
 
 # ---- value conversion ----------------------------------------------------------------------------
@@ -150,7 +260,8 @@ class StudyTracker:
     def __init__(self, tracking_uri: str, experiment_name: str, artifact_root: str | Path | None = None) -> None:
         from mlflow import MlflowClient  # slow import (~1 s): only when tracking is really used
 
-        _ensure_sqlite_dir(tracking_uri)
+        tracking_uri = with_installed_driver(tracking_uri)
+        prepare_store(tracking_uri)
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.artifact_root = Path(artifact_root).resolve() if artifact_root is not None else None
@@ -159,6 +270,7 @@ class StudyTracker:
         self.parent_run_id: str | None = None
         self.study_name: str | None = None
         self._open_children: dict[int, str] = {}  # trial -> RUNNING child created by this tracker
+        self._end_ms: dict[str, int | None] = {}  # child run -> the trial's own end time
 
     # ---- experiment ----------------------------------------------------------------------------
     def get_or_create_experiment(self) -> str:
@@ -173,18 +285,78 @@ class StudyTracker:
             if self.artifact_root is not None:
                 self.artifact_root.mkdir(parents=True, exist_ok=True)
             try:
-                self.experiment_id = self.client.create_experiment(self.experiment_name, artifact_location=location)
+                self.experiment_id = self.client.create_experiment(
+                    self.experiment_name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+                return self.experiment_id
             except MlflowException:
                 # Another process created it between our lookup and create: use theirs.
                 exp = self.client.get_experiment_by_name(self.experiment_name)
                 if exp is None:
                     raise
-                self.experiment_id = exp.experiment_id
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
+        if exp.lifecycle_stage == "deleted":
+            self.client.restore_experiment(exp.experiment_id)
+        self.experiment_id = exp.experiment_id
+        if exp.tags.get(TAG_EXPERIMENT_KIND) != EXPERIMENT_KIND:
+            self.client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+        self._follow_store(exp.experiment_id, exp.artifact_location)
         return self.experiment_id
+
+    def _follow_store(self, experiment_id: str, location: str) -> None:
+        """Point an experiment of a copied or moved study folder at the artifacts next to its store.
+
+        MLflow records an absolute artifact location per experiment (and per run). A sqlite store that
+        sits next to `artifact_root` (the default layout, `<out-dir>/mlflow.db` + `<out-dir>/artifacts`)
+        travels with that folder: when its experiment still names another folder's artifacts, new
+        artifacts would land in the original study. The locations are rewritten to this folder, and
+        the change is logged. Shared stores (a server, PostgreSQL, a sqlite file elsewhere) keep the
+        location they were created with: it is the one every process writing to them uses.
+        """
+        db = _sqlite_path(self.tracking_uri)
+        if self.artifact_root is None or db is None or db.resolve().parent != self.artifact_root.parent:
+            return
+        here = self.artifact_root.as_uri()
+        if location == here or urlparse(location).scheme not in ("file", ""):
+            return
+        old = location if urlparse(location).scheme == "file" else Path(location).resolve().as_uri()
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(f"sqlite:///{db}", poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text("UPDATE experiments SET artifact_location = :new WHERE experiment_id = :id"),
+                             {"new": here, "id": int(experiment_id)})
+                conn.execute(sqlalchemy.text(
+                    "UPDATE runs SET artifact_uri = :new || substr(artifact_uri, :n) "
+                    "WHERE experiment_id = :id AND substr(artifact_uri, 1, :m) = :old"),
+                    {"new": here, "n": len(old) + 1, "m": len(old), "old": old, "id": int(experiment_id)})
+        finally:
+            engine.dispose()
+        self.artifact_root.mkdir(parents=True, exist_ok=True)
+        log.warning("MLflow experiment %s kept its artifacts in %s; this store is in %s, so its artifacts now go "
+                    "to %s", self.experiment_name, old, db.parent, here)
+
+    # ---- the runs table --------------------------------------------------------------------------
+    def save_comparison_view(self, metrics: Iterable[str], params: Iterable[str]) -> str:
+        """Save the trials' comparison (key metrics and knobs as columns, fastest first) in the experiment.
+
+        Returns the UI route that opens it, e.g. `#/experiments/1?viewStateShareKey=xlstm-tune-trials`
+        (append to the server's address). The view is the MLflow UI's shared view state, stored as the
+        experiment tag `mlflow.sharedViewState.<key>`; re-saving it replaces it.
+        """
+        import json
+
+        exp_id = self.get_or_create_experiment()
+        metric_cols = [f"metrics.`{m}`" for m in metrics]
+        columns = [*metric_cols, *(f"params.`{p}`" for p in params)]
+        state: dict[str, Any] = {
+            "selectedColumns": columns,
+            "orderByKey": metric_cols[0] if metric_cols else "attributes.start_time",
+            "orderByAsc": False,
+            "runsExpanded": {self.parent_run_id: True} if self.parent_run_id else {},
+            "runsHiddenMode": "SHOW_ALL",
+        }
+        self.client.set_experiment_tag(exp_id, TAG_SHARED_VIEW + COMPARISON_VIEW_KEY, json.dumps(state))
+        return comparison_route(exp_id)
 
     def _search(self, filter_string: str, order_by: list[str] | None = None) -> list["Run"]:
         """All matching runs of the experiment (follows page tokens: studies can exceed one page)."""
@@ -226,10 +398,19 @@ class StudyTracker:
             run = self.client.create_run(
                 exp_id, tags={k: _tag_value(v) for k, v in all_tags.items()}, run_name=study_name
             )
-            run_id = run.info.run_id
+            run_id = self._one_parent(study_name, run.info.run_id)
             self.parent_run_id = run_id
-            self._log(run_id, params=params or {})
+            self._log(run_id, params=params or {}, existing_params=self.client.get_run(run_id).data.params)
         return run_id
+
+    def _one_parent(self, study_name: str, mine: str) -> str:
+        """Processes that started the study together each created a parent: all keep the oldest."""
+        parents = self._search(f"tags.`{TAG_STUDY}` = {_quote(study_name)} and tags.`{TAG_ROLE}` = 'parent'")
+        oldest = min(parents, key=lambda r: (int(r.info.start_time or 0), r.info.run_id), default=None)
+        if oldest is None or oldest.info.run_id == mine:
+            return mine
+        self.client.delete_run(mine)
+        return oldest.info.run_id
 
     def _require_parent(self) -> str:
         if self.parent_run_id is None:
@@ -286,8 +467,13 @@ class StudyTracker:
         artifacts: Iterable[str | Path] = (),
         *,
         status: str | None = None,
+        started_at: str | float | None = None,
+        finished_at: str | float | None = None,
     ) -> str:
         """Log one trial as a child run of the parent; returns the child's run id.
+
+        `started_at`/`finished_at` (ISO-8601 text or epoch seconds) are the trial's own times: the run
+        shows them as its start and end, not the moment it was logged.
 
         Idempotent: if the trial already has a FINISHED (or FAILED) child, nothing is logged and that id
         is returned. A RUNNING child not opened by this tracker was left by a killed process: it is
@@ -317,13 +503,17 @@ class StudyTracker:
         }
         if self.study_name is not None:
             child_tags[TAG_STUDY] = self.study_name
+        start_ms, end_ms = _epoch_ms(started_at), _epoch_ms(finished_at)
+        if start_ms is not None and end_ms is not None and end_ms < start_ms:
+            end_ms = start_ms
         run = self.client.create_run(
-            exp_id, tags={k: _tag_value(v) for k, v in child_tags.items()}, run_name=f"trial-{n}"
+            exp_id, tags={k: _tag_value(v) for k, v in child_tags.items()}, run_name=f"trial-{n}", start_time=start_ms
         )
         run_id = run.info.run_id
         self._open_children[n] = run_id
+        self._end_ms[run_id] = end_ms
         try:
-            self._log(run_id, params=params or {}, metrics=metrics or {})
+            self._log(run_id, params=params or {}, metrics=metrics or {}, timestamp_ms=end_ms)
             self._log_artifacts(run_id, artifacts)
         except BaseException:
             # A half-logged child is not a record: mark it so a retry replaces it.
@@ -339,7 +529,7 @@ class StudyTracker:
 
     def finish_trial(self, run_id: str, status: str = "FINISHED") -> None:
         """Terminate a child run: FINISHED for a completed trial, FAILED for a failed or pruned one."""
-        self.client.set_terminated(run_id, _check_status(status, terminal=True))
+        self.client.set_terminated(run_id, _check_status(status, terminal=True), end_time=self._end_ms.pop(run_id, None))
         for n, rid in list(self._open_children.items()):
             if rid == run_id:
                 del self._open_children[n]
@@ -361,6 +551,7 @@ class StudyTracker:
         tags: Mapping[str, Any] | None = None,
         step: int = 0,
         existing_params: Mapping[str, str] | None = None,
+        timestamp_ms: int | None = None,
     ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
@@ -376,7 +567,7 @@ class StudyTracker:
                     tag_list.append(RunTag(TAG_PARAM_CHANGED + key, _tag_value(value)))
                 continue
             param_list.append(Param(key, value))
-        now_ms = int(time.time() * 1000)
+        now_ms = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         metric_list = []
         for k, v in (metrics or {}).items():
             f = _metric_value(str(k), v)
@@ -399,6 +590,37 @@ class StudyTracker:
             else:
                 # A missing output must not lose the trial's record; say so and go on.
                 log.warning("artifact %s does not exist: not logged to run %s", path, run_id)
+
+
+def comparison_route(experiment_id: str) -> str:
+    """The MLflow UI route of an experiment's saved trial comparison (see `save_comparison_view`)."""
+    return f"#/experiments/{experiment_id}?viewStateShareKey={COMPARISON_VIEW_KEY}"
+
+
+def comparison_columns(context_lens: Iterable[int], knobs: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The metrics and params of the trial comparison: throughput, speed-ups, fidelity, then the knobs."""
+    lens = list(context_lens)
+    metrics = ["prefill_tok_s", "decode_tok_s", *(f"speedup_prefill_ctx{n}" for n in lens), "speedup_decode",
+               "fidelity_rel_err", "compile_s", "duration_s"]
+    return metrics, list(knobs)
+
+
+def _epoch_ms(value: str | float | None) -> int | None:
+    """Epoch milliseconds from ISO-8601 text (a trial record's times) or epoch seconds; None stays None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return int(float(value) * 1000)
+    from datetime import datetime, timezone
+
+    try:
+        dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        log.warning("time %r is not ISO-8601: the run keeps its logging time", value)
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
 
 
 def _join(prefix: str | None, name: str) -> str:

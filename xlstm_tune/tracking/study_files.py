@@ -182,7 +182,8 @@ class StudyFiles:
         """Append one trial as one line with a single write(), then fsync.
 
         If a killed writer left a partial last line, a newline is written first so the new record starts
-        on its own line (the partial one is then skipped by `read_trials`).
+        on its own line (the partial one is then skipped by `read_trials`). A write that fails (a full
+        disk) is rolled back to the previous size before the error propagates.
         """
         data = _encode_line(record)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -195,10 +196,15 @@ class StudyFiles:
                     if fh.read(1) != b"\n":
                         data = b"\n" + data
             view = memoryview(data)
-            while view:  # one write() for a regular file; the loop only guards a short write
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+            try:
+                while view:  # one write() for a regular file; the loop only guards a short write
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError as exc:  # a full disk: take back the part that got written, never a torn line
+                os.ftruncate(fd, size)
+                exc.filename = exc.filename or str(self.trials_path)
+                raise
         finally:
             os.close(fd)
 

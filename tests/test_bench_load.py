@@ -1,0 +1,107 @@
+"""bench.load: a CPU-burning process started for the test shows up as other processes' CPU time, the
+figure is re-measured (bounded) and flagged busy_machine; our own work is never counted as load."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from xlstm_tune.bench.harness import BUSY_FLAG, BenchSettings, bench_prefill, run_benchmark
+from xlstm_tune.bench.load import LoadProbe, measure_unloaded
+from xlstm_tune.bench.workload import PromptSource, describe_model, prompt_ids
+
+BURN = "while True: pass"
+
+
+def _cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+@pytest.fixture
+def burner() -> Iterator[int]:
+    """A busy loop outside this process's tree (started by a launcher that exits at once), on our CPUs.
+
+    Outside the tree, because the probe subtracts our own tree's CPU time: a child would count as ours.
+    """
+    launcher = ("import subprocess, sys; "
+                f"p = subprocess.Popen([sys.executable, '-c', {BURN!r}], start_new_session=True, "
+                "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)")
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=60, check=True)
+    pid = int(out.stdout.strip())
+    try:
+        psutil.Process(pid).cpu_affinity(psutil.Process().cpu_affinity())
+        assert pid not in {c.pid for c in psutil.Process().children(recursive=True)}
+        yield pid
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _spin_until_burned(pid: int, seconds: float) -> float:
+    """Busy-wait (our own CPU, which the probe subtracts) until the burner has used `seconds` of CPU."""
+    start = _cpu_s(pid)
+    while _cpu_s(pid) - start < seconds:
+        pass
+    return _cpu_s(pid) - start
+
+
+def test_other_process_cpu_is_measured(burner: int) -> None:
+    with LoadProbe() as probe:
+        burned = _spin_until_burned(burner, 0.3)
+    s = probe.sample
+    assert s is not None
+    # the burner's CPU time is counted as others' (10 ms tick granularity per CPU), ours is not
+    assert s.other_cpu_s >= burned * 0.9 - 0.02 * s.cpus, (s, burned)
+    assert s.own_cpu_s > 0 and s.other_cpu_frac > 0
+    assert s.other_cpu_frac == pytest.approx(s.other_cpu_s / (s.wall_s * s.cpus))
+    assert s.loadavg_1m is None or s.loadavg_1m >= 0
+    assert s.accelerator == {}  # no device asked for, nothing read
+
+
+def test_busy_is_re_measured_then_flagged(burner: int) -> None:
+    calls = []
+
+    def run() -> str:
+        calls.append(1)
+        _spin_until_burned(burner, 0.1)
+        return "figure"
+
+    # Whatever the contention, the burner alone takes >= 0.1 s per attempt: far above 0.1% of our CPUs
+    # unless an attempt lasts for minutes.
+    result, sample, attempts = measure_unloaded(run, max_other_cpu=0.001, retries=2)
+    assert result == "figure" and sample.busy and attempts == 3 and len(calls) == 3  # bounded: 1 + retries
+    result, sample, attempts = measure_unloaded(run, max_other_cpu=1e9, retries=2)
+    assert not sample.busy and attempts == 1 and len(calls) == 4
+
+
+def test_harness_flags_a_figure_taken_under_load(burner: int) -> None:
+    from xlstm_tune import load_model
+    from xlstm_tune.runtime.options import RuntimeOptions
+
+    model = load_model("tiny", device="cpu", runtime=RuntimeOptions(backend="native", chunk_size=16, compile=False))
+    busy = BenchSettings(warmup=0, repeats=3, max_cv=10.0, max_rounds=1, busy_retries=1, max_other_cpu=0.001)
+    try:
+        # A measurement long enough for the burner to be scheduled: the prompt is measured until the
+        # burner has had CPU time while our figure was being taken.
+        ids = prompt_ids(model, 64, PromptSource())
+        before = _cpu_s(burner)
+        info = describe_model("tiny")
+        res = bench_prefill(model, ids, busy, model_info=info)
+        if _cpu_s(burner) - before < 0.05:
+            pytest.fail("the burner got no CPU during the measurement; the machine is saturated beyond use")
+        assert res.busy and res.load["busy"] and res.load["other_cpu_s"] > 0
+        flat = res.flat()
+        assert flat["prefill_busy_ctx64"] is True and flat["prefill_other_cpu_frac_ctx64"] > 0.001
+        report = run_benchmark(model, [64], PromptSource(), 2, busy, model_info=info)
+        assert f"ctx64: {BUSY_FLAG}" in report.flags and report.flat()[BUSY_FLAG] is True
+        assert report.as_dict()["prefill"][0]["load"]["busy"] is True
+    finally:
+        model.close()
