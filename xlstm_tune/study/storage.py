@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -121,7 +122,9 @@ def _rdb_storage(url: str, kwargs: dict[str, Any]) -> Any:
 
     for attempt in range(3):
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5.0; we rely on them
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, **kwargs)
         except Exception as exc:  # noqa: BLE001
             text = str(exc).lower()
             if attempt == 2 or not ("already exists" in text or "duplicate key" in text or "unique" in text):
