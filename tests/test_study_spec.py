@@ -128,6 +128,19 @@ def test_space_is_narrowed_to_device_and_model() -> None:
         _space({"chunk_size": [16], "t_inner": [32]})
 
 
+def test_backends_the_installation_cannot_run_leave_the_space() -> None:
+    """Without the ray package the ray backend is dropped before the study starts, not failed per trial."""
+    no_ray = dict(CPU, backends=["native", "queued"])
+    sp = _space({"backend": ["native", "queued", "ray"]}, caps=no_ray)
+    assert sp.dims["backend"].values() == ["native", "queued"]
+    assert any("backend: dropped ['ray']" in n for n in sp.notes)
+    with pytest.raises(UserError, match="ray"):
+        _space({"backend": ["ray"]}, caps=no_ray)
+    with pytest.raises(UserError, match="backend=ray cannot run"):
+        _space({"chunk_size": [32]}, fixed={"backend": "ray"}, caps=no_ray)
+    assert _space({"backend": ["native", "ray"]}).dims["backend"].values() == ["native", "ray"]
+
+
 def test_relevance_canonical_form_and_invalid_combinations() -> None:
     sp = _space({"backend": ["native", "queued"], "chunk_size": [16, 32], "heads_per_band": [1, 2, 4],
                  "workers": [1, 2, 4], "t_inner": [1, 4, 8, 32]})
@@ -155,7 +168,9 @@ def test_relevance_canonical_form_and_invalid_combinations() -> None:
 def test_objective_movers() -> None:
     sp = _space({"backend": ["native", "queued"], "chunk_size": [16, 32], "decode_mode": ["eager"]})
     assert "chunk_size" in sp.moved_by("prefill_tok_s")
-    assert sp.moved_by("decode_tok_s") == ["backend"]
+    assert sp.moved_by("decode_tok_s") == []  # decode runs the decode step: only decode_mode moves it
+    assert _space({"backend": ["native", "queued"], "decode_mode": ["eager", "compiled"]}).moved_by("decode_tok_s") \
+        == ["decode_mode"]
     only_chunk = _space({"chunk_size": [16, 32]})
     assert only_chunk.moved_by("decode_tok_s") == []
 

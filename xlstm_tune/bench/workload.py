@@ -169,6 +169,15 @@ def describe_model(source: str | Path) -> dict[str, Any]:
     }
 
 
+def available_backends() -> list[str]:
+    """The prefill backends this installation can run: `ray` needs the ray package importable."""
+    from importlib.util import find_spec
+
+    from xlstm_tune.runtime.options import BACKENDS
+
+    return [b for b in BACKENDS if b != "ray" or find_spec("ray") is not None]
+
+
 def device_capabilities(device: str = "auto") -> dict[str, Any]:
     """What `device` offers the runtime knobs: decode modes, streams, torch.compile, device graphs.
 
@@ -180,6 +189,7 @@ def device_capabilities(device: str = "auto") -> dict[str, Any]:
     resolved = dev.resolve_device(device)
     return {
         "device": str(resolved),
+        "backends": available_backends(),
         "device_type": resolved.type,
         "decode_modes": list(available_decode_modes(resolved)),
         "streams": bool(dev.streams_available(resolved)),

@@ -173,6 +173,10 @@ def _margin_for(objective: str, trial_figures: Mapping[str, Any], table: Mapping
     return table.get(objective, default)
 
 
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def verdict(limits: Mapping[str, Any] | None, figures: Mapping[str, Any]) -> str | None:
     """Why a trial with these (partial) figures is hopeless, or None when it may go on. See the module docstring."""
     if not limits or not limits.get("front"):
@@ -202,7 +206,7 @@ def verdict(limits: Mapping[str, Any] | None, figures: Mapping[str, Any]) -> str
             if po is None or po < m * float(mine[o]):  # type: ignore[arg-type]
                 ok = False
                 break
-            parts.append(f"{o} {float(mine[o]):,.4g} < {po:,.4g} / {m:.2f}")  # type: ignore[arg-type]
+            parts.append(f"{o} {_fmt(float(mine[o]))} < {_fmt(po)} / {m:.2f}")  # type: ignore[arg-type]
         if ok:
             return f"{'; '.join(parts)} (trial #{p.get('number')})"
     return None
