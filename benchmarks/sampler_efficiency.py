@@ -23,11 +23,9 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +38,9 @@ SAMPLERS = ["random", "tpe", "ga", "gp", "cmaes"]
 
 def record(data: Path) -> None:
     """Measure the tiny grid with the real model (benchmarks/record_grid.py) into `data`."""
-    cmd = [sys.executable, str(HERE / "record_grid.py"), "--experiment", str(GRID_SPEC), "--out", str(data)]
+    if data.resolve().parent != (HERE / "data").resolve():
+        raise SystemExit(f"--record writes benchmarks/data/<name>/: pass --data {HERE / 'data'}/<name>")
+    cmd = [sys.executable, str(HERE / "record_grid.py"), "--experiment", str(GRID_SPEC), "--name", data.name]
     print("recording:", " ".join(cmd), file=sys.stderr)
     subprocess.run(cmd, check=True, cwd=REPO)
 

@@ -4,7 +4,6 @@ grid (benchmarks/data/tiny_cpu_grid), so no model runs and a study takes seconds
 from __future__ import annotations
 
 import io
-import json
 import random
 from pathlib import Path
 
