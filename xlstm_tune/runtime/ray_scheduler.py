@@ -87,11 +87,15 @@ def _single_machine_mode() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # ... and this, in case it was imported already
 
 
+# Ray puts sockets at <root>/xlstm-ray-XXXXXXXX/session_<date>_<time>_<pid>/sockets/plasma_store, ~85 bytes
+# below the root, and a socket path must fit 107 bytes.
+MAX_TEMP_ROOT_CHARS = 20
+
+
 def _short_temp_root() -> str:
-    """The temp folder, unless its path is too long for the sockets Ray puts under it (107 bytes with
-    ~70 of Ray's own): then /tmp."""
+    """The temp folder, unless its path is too long for the sockets Ray puts under it: then /tmp."""
     root = tempfile.gettempdir()
-    return root if len(root) <= 30 or not os.path.isdir("/tmp") else "/tmp"
+    return root if len(root) <= MAX_TEMP_ROOT_CHARS or not os.path.isdir("/tmp") else "/tmp"
 
 
 def shutdown_private_runtime() -> None:
