@@ -76,10 +76,13 @@ def test_busy_is_re_measured_then_flagged(burner: int) -> None:
 
     # Whatever the contention, the burner alone takes >= 0.1 s per attempt: far above 0.1% of our CPUs
     # unless an attempt lasts for minutes.
-    result, sample, attempts = measure_unloaded(run, max_other_cpu=0.001, retries=2)
+    result, sample, attempts = measure_unloaded(run, max_other_cpu=0.001, retries=2, persistent_load_per_cpu=None)
     assert result == "figure" and sample.busy and attempts == 3 and len(calls) == 3  # bounded: 1 + retries
     result, sample, attempts = measure_unloaded(run, max_other_cpu=1e9, retries=2)
     assert not sample.busy and attempts == 1 and len(calls) == 4
+    # an overload the load average says will outlast a retry: flagged at once
+    result, sample, attempts = measure_unloaded(run, max_other_cpu=0.001, retries=2, persistent_load_per_cpu=0.0)
+    assert sample.busy and attempts == 1 and len(calls) == 5
 
 
 def test_harness_flags_a_figure_taken_under_load(burner: int) -> None:
@@ -105,3 +108,13 @@ def test_harness_flags_a_figure_taken_under_load(burner: int) -> None:
         assert report.as_dict()["prefill"][0]["load"]["busy"] is True
     finally:
         model.close()
+
+
+def test_study_summary_warns_about_busy_trials() -> None:
+    from xlstm_tune.study.runner import busy_note
+
+    records = [{"number": 0, "busy_machine": False}, {"number": 3, "busy_machine": True},
+               {"number": 1, "busy_machine": True}, {"number": 2}]
+    note = busy_note(records, 0.25)
+    assert note is not None and note.startswith("warning: 2 trial(s)") and "[1, 3]" in note and "25%" in note
+    assert busy_note(records[:1] + records[3:], 0.25) is None

@@ -20,6 +20,7 @@ import pytest
 
 from xlstm_tune.bench.workload import describe_model
 from xlstm_tune.runtime.device import device_name
+from xlstm_tune.runtime.ray_scheduler import MAX_TEMP_ROOT_CHARS
 from xlstm_tune.tracking.best_export import build_best, export_best
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -93,11 +94,11 @@ def test_corrupt_best_json_is_rejected(tmp_path):
     assert proc.returncode == 2 and "unknown schema" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_the_log(tmp_path):
+def test_ctrl_c_stops_cleanly_and_keeps_the_log(tmp_path, spawn):
     stats = tmp_path / "steps.csv"
-    proc = subprocess.Popen([sys.executable, "-m", "xlstm_tune", "run", "--device", "cpu", "--no-compile",
-                             "--max-new-tokens", "1000000", "--stats-log", str(stats)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = spawn([sys.executable, "-m", "xlstm_tune", "run", "--device", "cpu", "--no-compile",
+                  "--max-new-tokens", "1000000", "--stats-log", str(stats)],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)  # killed at teardown, pass or fail
     deadline = time.time() + 120
     while time.time() < deadline and (not stats.exists() or len(stats.read_text().splitlines()) < 20):
         time.sleep(0.2)
@@ -133,7 +134,7 @@ def _adopting_orphans():
 def decoy_ray_cluster():
     """Another Ray cluster on this machine (`ray start --head`, loopback, its own temp folder), as a user
     of this machine may run one: the ray backend must neither join it nor hang on it."""
-    folder = tempfile.mkdtemp(prefix="decoy-ray-")  # short: Ray's socket paths must fit 107 bytes
+    folder = tempfile.mkdtemp(prefix="decoy-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -192,7 +193,8 @@ def test_ray_that_cannot_start_is_a_clear_error(tmp_path, decoy_ray_cluster):
 @pytest.fixture
 def short_tmp():
     """A temp folder with a short path (Ray's socket paths under it must fit 107 bytes)."""
-    folder = Path(tempfile.mkdtemp(prefix="xr-"))
+    folder = Path(tempfile.mkdtemp(prefix="xrt-", dir="/tmp"))
+    assert len(str(folder)) <= MAX_TEMP_ROOT_CHARS  # so the private runtime's folder goes in here
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 

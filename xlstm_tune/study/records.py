@@ -90,7 +90,7 @@ def build_record(
     if traceback:
         rec["traceback"] = traceback[-4000:]
     for k in ("flags", "stats", "outputs", "duration_s", "worker_pid", "peak_mem_mb", "duplicate_of",
-              "replayed_from", "runtime"):
+              "replayed_from", "runtime", "stage_s", "stage_figures", "phases"):
         if k in outcome and outcome[k] not in (None, [], {}):
             rec[k] = outcome[k]
     for k, v in (extra or {}).items():
@@ -109,8 +109,14 @@ def measured(rec: Mapping[str, Any]) -> bool:
 
 
 def user_attrs(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """Optuna user attributes for a trial: the whole record plus a few headline figures for the dashboard."""
-    attrs: dict[str, Any] = {"record": _json_ready(rec), "constraint": rec.get("constraint", 1.0),
+    """Optuna user attributes for a trial: the whole record (the study's source of truth), the knobs that
+    ran, and a few headline figures for the dashboard.
+
+    `knobs` holds the canonical values (what ran, as report.md, summary.csv and MLflow show them); the
+    trial's Optuna params stay the raw sampled values the sampler needs (a knob the backend ignores may
+    differ there, e.g. `workers` of the native backend)."""
+    attrs: dict[str, Any] = {"record": _json_ready(rec), "knobs": {k: rec.get(k) for k in KNOBS},
+                             "config_key": rec.get("key"), "constraint": rec.get("constraint", 1.0),
                              "failure_reason": rec.get("failure_reason"), "feasible": bool(rec.get("feasible"))}
     for k in USER_ATTR_METRICS:
         if isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool) and math.isfinite(rec[k]):
@@ -160,6 +166,16 @@ def mlflow_payload(rec: Mapping[str, Any], *, device: Mapping[str, Any] | None =
         tags["duplicate_of"] = str(rec["duplicate_of"])
     if rec.get("replayed_from") is not None:
         tags["replayed_from"] = str(rec["replayed_from"])
+    for k in ("phases", "stage_s"):  # where the trial's time went (study.timesplit), per phase and stage
+        for name, v in (rec.get(k) or {}).items():
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                metrics[f"{'phase' if k == 'phases' else 'stage_s'}_{name}"] = float(v)
+    if rec.get("state") == "PRUNED":
+        tags["pruned"] = "true"
+        tags["pruned_stage"] = rec.get("pruned_stage") or ""
+        tags["prune_reason"] = str(rec.get("prune_reason") or rec.get("error") or "")[:500]
+    if rec.get("origin"):
+        tags["origin"] = str(rec["origin"])[:500]
     if rec.get("flags"):
         tags["flags"] = "; ".join(rec["flags"])[:2000]
     if device:
