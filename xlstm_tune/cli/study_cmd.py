@@ -52,7 +52,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="answer trials from a recorded study (trials.jsonl, study dir or name) instead of running the model")
     g.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
                    help="stop hopeless or slow trials after their first stage (default: [pruning] enabled, on)")
-    g.add_argument("--warm-start", dest="warm_start", action="append", default=None, metavar="STUDY_OR_FILE",
+    g.add_argument("--warm-start", dest="warm_start", action="append", default=None, metavar="STUDY|FILE",
                    help="seed the study with the Pareto front of an earlier study (a study name under --out-dir, "
                         "a study directory, a trials.jsonl or a best.json; repeatable) and the shipped configs/ "
                         "for the device")
