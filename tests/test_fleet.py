@@ -297,11 +297,21 @@ def test_ray_without_a_cluster_is_one_line(tmp_path: Path) -> None:
     os.environ.update(env)
     try:
         with pytest.raises(UserError) as exc:
-            ray_init(f"127.0.0.1:{port}", timeout_s=60)
+            ray_init(f"127.0.0.1:{port}", timeout_s=20)
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    assert "Ray cluster" in str(exc.value) and "\n" not in str(exc.value)
+    assert f"could not join the cluster at 127.0.0.1:{port}" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_ray_cluster_without_its_token_is_one_line(ray_cluster: dict, source: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in ray_cluster["env"].items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    res = _study(["--replay", str(source), "--out-dir", str(tmp_path / "out"), "--study-name", "tok", "--n-trials", "2",
+                  "--ray-address", ray_cluster["address"]], env, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("xlstm_tune study: error: Ray could not join the cluster") and "RAY_AUTH_MODE=token" in last
+    assert not (tmp_path / "out").exists()  # refused before the study was opened

@@ -118,5 +118,10 @@ def options_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from xlstm_tune.study.runner import run_study
 
-    run_study(options_from_args(args))
+    opts = options_from_args(args)
+    if opts.ray_address:
+        from xlstm_tune.study.fleet import ray_init
+
+        ray_init(opts.ray_address)  # a cluster that cannot be joined is refused before the study is opened
+    run_study(opts)
     return 0

@@ -16,7 +16,8 @@ Environment (seed system names, their meaning now):
   recorded in Ray's temporary folder (`RAY_TMPDIR`, default /tmp/ray). Unlike Ray's own
   `address="auto"`, no other Ray process found on the machine is ever joined.
 * XLSTM_RAY_AUTOSHUTDOWN=1 (default): shut down the private runtime when the process exits (normal exit,
-  exception or Ctrl-C) and remove its folder; 0 leaves it running.
+  exception or Ctrl-C) and remove its folder; 0 leaves both to Ray (its processes still end with this
+  process: Ray ties them to the process that started them; the folder stays).
 * XLSTM_RAY_INIT_TIMEOUT_S (default 120): how long starting or joining Ray may take before it is an error.
 """
 from __future__ import annotations
@@ -161,11 +162,65 @@ def _init(ray: Any, where: str, **kwargs: Any) -> None:
                         f"check `ray status`, or {_FIX}") from None
     except Exception as exc:  # Ray raises many types (ConnectionError, RuntimeError, ValueError)
         _quiet_shutdown(ray)
+        if _wants_token(exc):
+            raise UserError(f"Ray could not start {where}: {_TOKEN_FIX}") from None
         raise UserError(f"Ray could not start {where}: {_one_line(exc)}; check `ray status`, or {_FIX}") from None
     finally:
         if use_alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+
+
+_TOKEN_FIX = ("the cluster wants its authentication token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+              "(or RAY_AUTH_TOKEN_PATH)")
+
+
+def _wants_token(exc: BaseException) -> bool:
+    """Ray 2.60 clusters started with a token refuse drivers without one (the cause of a ConnectionError)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if type(seen).__name__ == "AuthenticationError" or "AuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def join_cluster(address: str, fix: str, timeout: float) -> Any:
+    """Join a running Ray cluster as a driver within `timeout` s; a one-line UserError ending in `fix`.
+
+    The connection is made in a helper thread and waited for with a deadline: while Ray retries an
+    address that does not answer it sits in native code, where a SIGALRM handler does not run. A driver
+    starts no processes of its own, so the thread does not matter to what Ray starts.
+    """
+    with _LOCK:
+        try:
+            import ray
+        except ImportError:
+            raise UserError("Ray is not installed: pip install 'ray>=2.60'") from None
+        if ray.is_initialized():
+            return ray
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failure.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=connect, name="ray-connect", daemon=True).start()
+        if not done.wait(timeout):
+            raise UserError(f"Ray could not join the cluster at {address} within {timeout:g} s; {fix}")
+        if failure:
+            _quiet_shutdown(ray)
+            if _wants_token(failure[0]):
+                raise UserError(f"Ray could not join the cluster at {address}: {_TOKEN_FIX}") from None
+            raise UserError(f"Ray could not join the cluster at {address}: {_one_line(failure[0])}; {fix}") from None
+        return ray
 
 
 def _quiet_shutdown(ray: Any) -> None:

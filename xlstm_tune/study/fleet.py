@@ -129,11 +129,15 @@ def worker_command(options: dict[str, Any]) -> list[str]:
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGINT to the worker's process group (it re-queues its trial), then SIGKILL after `grace_s`."""
+    """SIGINT to the worker (it re-queues its trial and stops its trial process), then SIGKILL to its group.
+
+    Only the worker itself gets the SIGINT: its trial process must not die first, or the trial would be
+    recorded as a crash instead of an interruption.
+    """
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
@@ -244,38 +248,10 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
 
 # ---- worker processes on a Ray cluster --------------------------------------------------------------
 def ray_init(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> Any:
-    """Connect to a running Ray cluster, or a one-line UserError after `timeout_s` (ray.init has no timeout)."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--ray-address needs Ray: pip install 'ray[default]'") from None
-    done = threading.Event()
-    outcome: dict[str, BaseException] = {}
+    """Connect to a running Ray cluster, or a one-line UserError (also after `timeout_s`)."""
+    from xlstm_tune.runtime.ray_scheduler import join_cluster
 
-    def connect() -> None:
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            outcome["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=connect, name="ray-connect", daemon=True).start()
-    if not done.wait(timeout_s):
-        raise UserError(f"no Ray cluster answered at {address} within {timeout_s:g} s: start one "
-                        f"(ray start --head) or fix --ray-address")
-    if "error" in outcome:
-        exc = outcome["error"]
-        chain = [exc]
-        while chain[-1].__cause__ is not None and len(chain) < 8:
-            chain.append(chain[-1].__cause__)
-        if any("AuthToken" in str(e) or type(e).__name__ == "AuthenticationError" for e in chain):
-            raise UserError(f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
-                            f"and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"cannot join the Ray cluster at {address} ({type(exc).__name__}: {first}): "
-                        f"start it (ray start --head) or fix --ray-address") from None
-    return ray
+    return join_cluster(address, "start it (ray start --head) or fix --ray-address", timeout_s)
 
 
 def _is_local(url: str | None) -> bool:

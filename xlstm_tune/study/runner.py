@@ -31,6 +31,7 @@ from xlstm_tune.study.storage import FolderLock
 from xlstm_tune.study.views import write_file_views
 from xlstm_tune.study.trial_loop import run_loop
 from xlstm_tune.study.wrapup import (
+    busy_note,
     export_best,
     final_files,
     parent_wrapup,
@@ -42,7 +43,7 @@ from xlstm_tune.study.wrapup import (
 
 StudyRun = StudySession  # what study.fleet is handed: the opened study of the launching process
 
-__all__ = ["StudyRun", "StudyOptions", "StudyResult", "StudyPlan", "StudySession", "WorkerEvaluator", "effective_objectives",
+__all__ = ["busy_note", "StudyRun", "StudyOptions", "StudyResult", "StudyPlan", "StudySession", "WorkerEvaluator", "effective_objectives",
            "run_study"]
 
 
@@ -75,9 +76,11 @@ def _run(s: StudySession) -> StudyResult:
         from xlstm_tune.study.fleet import run_fleet
 
         before = s.completed()
-        s.fleet_report = run_fleet(s)  # type: ignore[arg-type]
-        reconcile(s)  # whatever a dead worker left RUNNING
-        s.new_trials += max(0, s.completed() - before)
+        try:
+            s.fleet_report = run_fleet(s)  # type: ignore[arg-type]
+        finally:  # every worker has stopped (also on Ctrl-C): whatever a dead worker left RUNNING
+            reconcile(s)
+            s.new_trials += max(0, s.completed() - before)
     run_loop(s)
     if o.trials_only:
         final_files(s)

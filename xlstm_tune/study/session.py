@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from xlstm_tune import __version__
-from xlstm_tune.errors import UserError
+from xlstm_tune.errors import UserError, storage_fault
 from xlstm_tune.study.liveness import HeartbeatPolicy, this_owner
 from xlstm_tune.study.plan import StudyPlan, first_difference
 from xlstm_tune.study.storage import StorageMutex, open_storage, storage_identity
@@ -271,6 +271,8 @@ def _start_parent(s: StudySession) -> None:
     except UserError:
         raise
     except Exception as exc:
+        if storage_fault(exc):
+            raise  # a read-only or full disk: the CLI names it in one line
         raise UserError(f"cannot use the MLflow store {p.tracking_uri} ({type(exc).__name__}: "
                         f"{(str(exc).splitlines() or [''])[0][:200]}): check --tracking-uri") from None
 

@@ -107,14 +107,14 @@ def runtime_in_force(s: StudySession) -> dict[str, Any] | None:
     return (s.plan.previous_meta or {}).get("runtime")
 
 
-def busy_note(s: StudySession) -> str | None:
-    """A warning when figures were taken on a busy machine (bench/load.py), else None."""
-    busy = sorted(n for n, r in s.records.items() if r.get("busy_machine"))
+def busy_note(records: Any, max_other_cpu: float) -> str | None:
+    """The summary's warning when trials were measured on a busy machine (bench/load.py), else None."""
+    busy = sorted(r["number"] for r in records if r.get("busy_machine"))
     if not busy:
         return None
     return (f"warning: {len(busy)} trial(s) were measured on a busy machine (other processes took more than "
-            f"{s.plan.spec.bench['max_other_cpu']:.0%} of the CPUs after re-measuring): trials {busy[:10]}"
-            f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine, re-run on an idle "
+            f"{max_other_cpu:.0%} of the CPUs, also when re-measured): trials {busy[:10]}"
+            f"{' ...' if len(busy) > 10 else ''}; their figures are flagged busy_machine: re-run on an idle "
             f"machine to trust them")
 
 
@@ -218,7 +218,7 @@ def summary_text(s: StudySession, contexts: list[dict[str, Any]], data: Mapping[
         "confirmation": data["summary"] if data else None,
         "confirm_note": note,
         "no_best_reason": reason,
-        "notes": s.notes + [n for n in (busy_note(s),) if n],
+        "notes": s.notes + [n for n in (busy_note(s.records.values(), s.plan.spec.bench["max_other_cpu"]),) if n],
         "paths": paths(s),
         "hints": hints,
     })
