@@ -34,6 +34,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm())
 
 
+@pytest.fixture
+def restore_process():
+    """Runtime settings apply to the whole process (torch's thread count, the CUDA switches in the
+    environment): put both back after a test that applies them."""
+    threads, environ = torch.get_num_threads(), dict(os.environ)
+    yield
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 @pytest.fixture(scope="module")
 def private_ray(tmp_path_factory):
     """The ray backend's private runtime in this process, with Ray's temp folder pointed at an empty one

@@ -91,3 +91,23 @@ def test_bench_batch_size_reports_the_batch_and_counts_batch_times_steps() -> No
 def test_bench_batch_size_must_be_positive() -> None:
     proc = _bench("--prefill-len", "8", "--new-tokens", "2", "--batch-size", "0")
     assert proc.returncode == 2 and "--batch-size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_study_decodes_workload_batch_size_sequences_per_trial(tmp_path: Path) -> None:
+    """`[workload] batch_size` reaches the trial worker: the trial's record says it decoded 2 sequences."""
+    spec = tmp_path / "bs.toml"
+    spec.write_text(
+        '[study]\nname = "bs"\nn_trials = 1\nsampler = "grid"\nobjectives = ["decode_tok_s"]\n'
+        '[model]\nname = "tiny"\ndevice = "cpu"\ncompile = false\n'
+        '[workload]\ncontext_lens = [16]\nnew_tokens = 3\nbatch_size = 2\n'
+        '[bench]\nrepeats = 1\nwarmup = 0\nmax_rounds = 1\n[fidelity]\nprompt_len = 16\ndecode_steps = 2\n'
+        '[confirm]\nrounds = 1\ntop_k = 1\n[quality]\njudge = "none"\nperplexity = false\n'
+        '[space]\nbackend = ["native"]\nchunk_size = [16]\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "xlstm_tune", "study", "--experiment", str(spec), "--out-dir",
+                           str(tmp_path / "out"), "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "studies" / "bs" / "trials.jsonl").read_text().splitlines()]
+    trials = [r for r in lines if "decode_batch_size" in r]
+    assert trials and all(r["decode_batch_size"] == 2 and r["decode_new_tokens"] == 3 for r in trials)

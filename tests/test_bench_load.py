@@ -105,3 +105,13 @@ def test_harness_flags_a_figure_taken_under_load(burner: int) -> None:
         assert report.as_dict()["prefill"][0]["load"]["busy"] is True
     finally:
         model.close()
+
+
+def test_study_summary_warns_about_busy_trials() -> None:
+    from xlstm_tune.study.runner import busy_note
+
+    records = [{"number": 0, "busy_machine": False}, {"number": 3, "busy_machine": True},
+               {"number": 1, "busy_machine": True}, {"number": 2}]
+    note = busy_note(records, 0.25)
+    assert note is not None and note.startswith("warning: 2 trial(s)") and "[1, 3]" in note and "25%" in note
+    assert busy_note(records[:1] + records[3:], 0.25) is None

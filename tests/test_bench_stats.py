@@ -95,22 +95,37 @@ def test_time_first_call_syncs() -> None:
     assert "".join(ev.events) == "SCFSC"
 
 
+class StepClock:
+    """An injected clock that only moves when the timed function says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_measure_remeasures_when_cv_high() -> None:
     calls = {"n": 0}
+    clock = StepClock()
 
     def alternating() -> None:  # 1 ms / 20 ms: CV far above 10 %
         calls["n"] += 1
-        time.sleep(0.001 if calls["n"] % 2 else 0.020)
+        clock.spend(0.001 if calls["n"] % 2 else 0.020)
 
     syncs = {"n": 0}
 
     def sync() -> None:
         syncs["n"] += 1
 
-    m = measure(alternating, sync=sync, warmup=1, repeats=4, max_cv=0.10, max_rounds=3)
+    m = measure(alternating, sync=sync, warmup=1, repeats=4, max_cv=0.10, max_rounds=3, clock=clock)
     assert m.rounds == 3
     assert m.cv_high
     assert len(m.durations_s) == 12  # all rounds' samples kept
+    assert sorted(set(round(d, 9) for d in m.durations_s)) == [0.001, 0.020]  # the clock's readings, exactly
     assert calls["n"] == 1 + 12
     assert syncs["n"] == 1 + 2 * 12
     assert m.summary.cv > 0.10
@@ -118,8 +133,9 @@ def test_measure_remeasures_when_cv_high() -> None:
 
 
 def test_measure_stops_early_when_stable() -> None:
-    m = measure(lambda: time.sleep(0.002), sync=no_sync, warmup=0, repeats=3, max_cv=10.0, max_rounds=3)
-    assert m.rounds == 1 and not m.cv_high and len(m.durations_s) == 3
+    clock = StepClock()
+    m = measure(lambda: clock.spend(0.002), sync=no_sync, warmup=0, repeats=3, max_cv=10.0, max_rounds=3, clock=clock)
+    assert m.rounds == 1 and not m.cv_high and m.durations_s == pytest.approx([0.002] * 3)
 
 
 def test_throughput_is_median_of_rates() -> None:

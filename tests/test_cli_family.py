@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,16 +59,6 @@ def test_shared_flag_spellings() -> None:
     for name in ("run", "bench", "study"):
         args = subs[name].parse_args(["--config", "c.toml", "--threads", "1", "--no-fused-decode"])
         assert (args.config, args.threads, args.fused_decode) == ("c.toml", 1, False)
-
-
-@pytest.fixture
-def restore_process() -> Iterator[None]:
-    """`run` applies settings to this process (threads, CUDA switches in the environment): put them back."""
-    threads, environ = torch.get_num_threads(), dict(os.environ)
-    yield
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(environ)
 
 
 def _best(tmp_path: Path, *, runtime: dict, config_hash: str | None = None, device: str | None = None) -> Path:

@@ -106,11 +106,9 @@ def _tree_digest(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cwd = tmp_path_factory.mktemp("e2e")
-    t0 = time.monotonic()
     proc = cli(cwd, "study", "--out-dir", "out", "--study-name", "e2e", "--n-trials", "5", *SMALL)
-    wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"cwd": cwd, "out": cwd / "out", "proc": proc, "wall": wall}
+    return {"cwd": cwd, "out": cwd / "out", "proc": proc}
 
 
 def test_full_study_end_to_end(finished: dict) -> None:
@@ -122,7 +120,10 @@ def test_full_study_end_to_end(finished: dict) -> None:
     # Optuna storage
     st = optuna.load_study(study_name="e2e", storage=_journal(out))
     complete = [t for t in st.trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 5 and len(st.directions) == 2
+    # On a CPU the quickstart searches decode_mode = [eager] only, and nothing else moves decode: decode is
+    # recorded, prefill optimised
+    assert len(complete) == 5 and len(st.directions) == 1
+    assert "decode_tok_s is recorded but not optimised" in proc.stdout
     for t in complete:
         assert "record" in t.user_attrs and t.user_attrs["prefill_tok_s"] > 0
         assert "fidelity" in t.constraints and t.constraints["fidelity"] <= 0
@@ -182,10 +183,16 @@ def test_full_study_end_to_end(finished: dict) -> None:
     assert [c["context_len"] for c in one["contexts"]] == [64]
     ok = cli(cwd, "export", "--check", "b64.json")
     assert ok.returncode == 0 and ok.stdout.startswith("ok:")
-    bench = cli(cwd, "bench", "--best", "b64.json", "--no-compile", "--prefill-len", "64", "--new-tokens", "4",
+    # best.json carries the settings the study measured with; `bench --best` applies them (no --no-compile)
+    assert best["runtime"]["compile"] is False and best["runtime"]["threads"] >= 1
+    assert all(r["runtime"]["threads"] == best["runtime"]["threads"] for r in lines if r.get("runtime"))
+    bench = cli(cwd, "bench", "--best", "b64.json", "--prefill-len", "64", "--new-tokens", "4",
                 "--repeats", "2", "--json")
     assert bench.returncode == 0, bench.stderr
-    assert {k: v for k, v in json.loads(bench.stdout)["knobs"].items() if k in KNOBS} == one["contexts"][0]["knobs"]
+    result = json.loads(bench.stdout)
+    assert {k: v for k, v in result["knobs"].items() if k in KNOBS} == one["contexts"][0]["knobs"]
+    assert result["knobs"]["compile"] is False and result["runtime"]["threads"] == best["runtime"]["threads"]
+    assert result["prefill"][0]["stats"]["compiled_calls"] == 0  # counted where the kernels ran
 
 
 def test_rerun_of_a_finished_study_does_no_new_work(finished: dict) -> None:
@@ -193,14 +200,16 @@ def test_rerun_of_a_finished_study_does_no_new_work(finished: dict) -> None:
     before = len(optuna.load_study(study_name="e2e", storage=_journal(out)).trials)
     best_before = (out / "studies" / "e2e" / "best.json").read_bytes()
     logs_before = sorted((out / "studies" / "e2e" / "workers").glob("*.log"))
-    t0 = time.monotonic()
+    outputs = out / "studies" / "e2e" / "outputs"
+    outputs_before = {p.name: p.stat().st_mtime_ns for p in outputs.iterdir()}
     proc = cli(finished["cwd"], "study", "--out-dir", "out", "--study-name", "e2e", "--n-trials", "5", *SMALL)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "0 new trial(s)" in proc.stdout
     assert len(optuna.load_study(study_name="e2e", storage=_journal(out)).trials) == before
     assert (out / "studies" / "e2e" / "best.json").read_bytes() == best_before
     assert sorted((out / "studies" / "e2e" / "workers").glob("*.log")) == logs_before  # no worker was started
-    assert time.monotonic() - t0 < finished["wall"]
+    # nothing was measured: no trial or confirmation output was written or rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in outputs.iterdir()} == outputs_before
 
 
 def _worker_pid(out: Path, name: str) -> int | None:
@@ -316,9 +325,10 @@ def test_fidelity_failure_is_infeasible_and_never_best(tmp_path: Path) -> None:
     queued = [r for r in lines if r["backend"] == "queued" and r["state"] == "COMPLETE"]
     assert native and all(not r["feasible"] and r["failure_reason"] == "fidelity" for r in native)
     assert queued and all(r["feasible"] for r in queued)  # the step path is the reference's own math
-    assert max(r["prefill_tok_s"] for r in native) > max(r["prefill_tok_s"] for r in queued)  # faster, yet...
+    # measured (they have speeds, whatever the machine's load made of them), yet never best
+    assert all(r["state"] == "COMPLETE" and r["prefill_tok_s"] > 0 for r in native)
     best = check_best(tmp_path / "out" / "studies" / "strict" / "best.json")
-    assert best["contexts"][0]["knobs"]["backend"] == "queued"  # ...never best
+    assert best["contexts"][0]["knobs"]["backend"] == "queued"
     st = optuna.load_study(study_name="strict", storage=_journal(tmp_path / "out"))
     assert all(t.constraints["fidelity"] > 0 for t in st.trials if t.params.get("backend") == "native")
 

@@ -60,10 +60,10 @@ def test_fused_gemv_prologues_and_epilogues_match_float64(kernels, seed, n, k):
         assert rel_err(out, want) < TOL, f"{name} seed={seed}"
 
 
-@pytest.mark.parametrize("batch", BATCHES + [17])  # 17: a second group of rows
-def test_fused_gemv_rows_match_float64(kernels, seed, batch):
-    """Every row of x [B, K] against float64; the rows arrive strided (a slice of a wider buffer)."""
-    n, k = 40, 96
+@pytest.mark.parametrize("batch,n,k", [(b, 40, 96) for b in BATCHES + [17]] + [(3, 70, 300)])
+def test_fused_gemv_rows_match_float64(kernels, seed, batch, n, k):
+    """Every row of x [B, K] against float64; the rows arrive strided (a slice of a wider buffer).
+    17 rows: a second group of rows; K = 300: several K tiles with a ragged last one."""
     x = _rand(batch, k + 8)[:, 3:3 + k]
     w, b = _rand(2 * n, k) / k ** 0.5, _rand(2 * n)
     for name, (kwargs, want) in _gemv_cases(x, w, b, _rand(batch, n), 1 + 0.3 * _rand(k), n).items():

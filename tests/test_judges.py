@@ -57,6 +57,8 @@ class ScriptedServer:
         self.actions: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        # an action with "hold": True answers only once the test sets this (after its client gave up)
+        self.release = threading.Event()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -74,7 +76,8 @@ class ScriptedServer:
                         {"path": self.path, "headers": dict(self.headers), "body": json.loads(body)}
                     )
                     action = owner.actions[min(index, len(owner.actions) - 1)]
-                time.sleep(action.get("sleep", 0.0))
+                if action.get("hold"):
+                    owner.release.wait(30)
                 status = action.get("status", 200)
                 if "json" in action:
                     payload = json.dumps(action["json"]).encode()
@@ -103,6 +106,7 @@ class ScriptedServer:
         self.actions = list(actions)
 
     def close(self) -> None:
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=5)
@@ -256,9 +260,9 @@ def test_openai_refusal_is_invalid(server: ScriptedServer) -> None:
 
 
 def test_slow_server_times_out_then_retry_succeeds(server: ScriptedServer, sleeps: list[float]) -> None:
-    # The first answer is valid but arrives after the client's timeout. Had the client waited for
-    # it, the call would have succeeded on attempt 1; a second request proves it gave up and retried.
-    server.script(ollama_ok(sleep=0.8), ollama_ok())
+    # The first answer is valid but held back until the client has given up. Had the client waited
+    # for it, the call would have succeeded on attempt 1; a second request proves it gave up and retried.
+    server.script(ollama_ok(hold=True), ollama_ok())
     res = OllamaJudge(server.url, "m", timeout_s=0.25, retries=2, backoff_s=0.01).judge("p", "c")
     assert res.valid and res.error is None
     assert res.attempts == 2 and len(server.requests) == 2
@@ -267,7 +271,7 @@ def test_slow_server_times_out_then_retry_succeeds(server: ScriptedServer, sleep
 
 
 def test_always_slow_server_gives_invalid_timeout(server: ScriptedServer) -> None:
-    server.script(ollama_ok(sleep=0.6))
+    server.script(ollama_ok(hold=True))
     res = OllamaJudge(server.url, "m", timeout_s=0.15, retries=1, backoff_s=0.01).judge("p", "c")
     assert not res.valid and res.scores is None
     assert res.attempts == 2 and len(server.requests) == 2
@@ -390,3 +394,34 @@ def test_result_to_dict_is_flat_and_json_ready() -> None:
     bad = JudgeResult(None, False, "why", "raw", 2, 0.1).to_dict()
     assert bad["judge_overall"] is None and bad["judge_error"] == "why"
     json.dumps([ok, bad])
+
+
+ENGLISH = (
+    "The river rises in the hills above the town and runs for about forty miles before it reaches the sea. "
+    "In spring the water is high and brown with mud, and the old bridge at the mill is sometimes closed for a "
+    "week or two. By late summer it has fallen so far that children can walk across the shallows, and the "
+    "fishermen complain that there is nothing left to catch. Most of the people who live along its banks have "
+    "never thought much about where the water comes from, but they notice at once when it is not there."
+)
+
+
+def test_builtin_judge_scores_random_tokens_low_and_english_high(seed: int) -> None:
+    """Random-token text (what a preset with random weights prints) scores low; real English high."""
+    import random
+
+    import torch
+
+    from xlstm_tune import load_model
+
+    judge = BuiltinJudge()
+    prompt = "Tell me about the river that runs past the town."
+    model = load_model("tiny", device="cpu")
+    generated, _ = model.generate(model.encode(prompt), max_new_tokens=80)
+    random_ids = torch.randint(0, model.config.vocab_size, (200,))
+    rng = random.Random(seed)
+    letters = " ".join("".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(60))
+    english = judge.judge(prompt, ENGLISH).scores
+    assert english.fluency >= 8 and english.coherence >= 8 and english.overall >= 6, english
+    for text in (model.decode(generated[0]), model.decode(random_ids), letters):
+        s = judge.judge(prompt, text).scores
+        assert s.fluency <= 3 and s.coherence <= 3 and s.overall <= 3, (seed, text[:80], s)

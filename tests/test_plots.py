@@ -1,4 +1,5 @@
-"""Plots: every function writes a real PNG for fresh random records, empty and all-failed input."""
+"""Plots: what each figure draws (its artists' data against the records or CSV it was given), trial order,
+non-overlapping labels, and that every function writes a real PNG, for empty and all-failed input too."""
 from __future__ import annotations
 
 import math
@@ -20,7 +21,10 @@ from xlstm_tune.quality.plots import (
     plot_history,
     plot_param_importances,
     plot_prefill_vs_decode,
+    decode_steps_figure,
+    prefill_vs_decode_figure,
 )
+from xlstm_tune.study.plotting import _stats_csvs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -194,3 +198,51 @@ def test_decode_steps_bad_csv_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         plot_decode_steps(tmp_path / "missing.csv", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()  # nothing written half-way
+
+
+# ------------------------------------------------------------------------------ what is drawn
+
+
+def test_prefill_vs_decode_draws_the_records_and_separates_labels(rng: random.Random) -> None:
+    recs = synthetic_records(40, rng)
+    # a crowded front: ten trials within a few tok/s of one another, each beating the last on decode
+    recs += [{"number": 100 + i, "state": "COMPLETE", "fidelity_passed": True, "prefill_tok_s": 50000.0 - i,
+              "decode_tok_s": 90000.0 + i} for i in range(10)]
+    fig = prefill_vs_decode_figure(recs)
+    ax = fig.axes[0]
+    feasible = sorted((r["prefill_tok_s"], r["decode_tok_s"]) for r in recs
+                      if r.get("state") == "COMPLETE" and r.get("fidelity_passed") is not False
+                      and r.get("prefill_tok_s") is not None and r.get("decode_tok_s") is not None)
+    drawn = sorted(tuple(map(float, xy)) for xy in ax.collections[0].get_offsets())
+    assert drawn == feasible  # every feasible trial is a dot, nothing else
+    labels = [t for t in ax.texts if t.get_text().startswith("#")]
+    assert {f"#{100 + i}" for i in range(10)} <= {t.get_text() for t in labels}
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    overlapping = [(a.get_text(), b.get_text()) for i, a in enumerate(labels) for j, b in enumerate(labels)
+                   if i < j and boxes[i].overlaps(boxes[j])]
+    assert not overlapping
+
+
+def test_decode_steps_figure_draws_the_csv(tmp_path: Path, rng: random.Random) -> None:
+    path = write_stats_csv(tmp_path / "s.csv", 30, rng)
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    fig = decode_steps_figure(path)
+    step_line = fig.axes[0].lines[0]
+    assert list(step_line.get_xdata()) == [float(r[0]) for r in rows]
+    assert list(step_line.get_ydata()) == pytest.approx([float(r[1]) for r in rows])
+    avg = fig.axes[1].lines[1]
+    assert list(avg.get_ydata()) == pytest.approx([float(r[4]) for r in rows])
+
+
+def test_decode_step_plots_of_every_trial_in_trial_order(tmp_path: Path, rng: random.Random) -> None:
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    for n in rng.sample(range(11), 11):  # written in a random order
+        write_stats_csv(outputs / f"trial_{n}_decode.csv", 5, rng)
+    (outputs / "notes.csv").write_text("a,b\n1,2\n")  # not a stats CSV: left out
+    found, note = _stats_csvs(outputs)
+    assert [p.name for p in found] == [f"trial_{n}_decode.csv" for n in range(11)] and note is None
+    paths = plot_all([], tmp_path / "plots", stats_csvs=found)
+    steps = [p.name for p in paths if p.name.startswith("decode_steps_")]
+    assert steps == [f"decode_steps_trial_{n}_decode.png" for n in range(11)]

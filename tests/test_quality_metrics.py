@@ -204,6 +204,7 @@ def test_continuation_perplexity_alignment_is_exactly_two() -> None:
     log_p = torch.log_softmax(logits, -1)
     off_by_one = math.exp(-sum(log_p[t, ids[t]].item() for t in range(2, 5)) / 3)
     assert off_by_one == pytest.approx(16 ** (1 / 3), rel=1e-12)
+    assert continuation_perplexity(logits, ids, prompt_len) != pytest.approx(off_by_one, rel=1e-3)
     # A batch dimension of 1 is accepted.
     assert continuation_perplexity(logits[None], ids[None], prompt_len) == pytest.approx(2.0, abs=1e-12)
 

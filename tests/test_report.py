@@ -286,4 +286,4 @@ def test_confirmation_section_shows_both_phases_with_intervals_and_no_winner(tmp
     assert rows[0] == ["128", "trial 4", "1.84× [1.62–2.10] wins", "1.01× [0.95–1.07] not worse", "—"]
     assert rows[1] == ["512", "default (no winner)", "1.01× [0.95–1.07] not worse", "0.80× [0.70–0.90] worse",
                        "no candidate is faster than the default with 95% confidence"]
-    assert "3 paired round(s)" in text and "95% bootstrap interval" in text
+    assert "3 paired round(s)" in text and "95% interval (bootstrap and Student t envelope)" in text

@@ -93,11 +93,11 @@ def test_corrupt_best_json_is_rejected(tmp_path):
     assert proc.returncode == 2 and "unknown schema" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_the_log(tmp_path):
+def test_ctrl_c_stops_cleanly_and_keeps_the_log(tmp_path, spawn):
     stats = tmp_path / "steps.csv"
-    proc = subprocess.Popen([sys.executable, "-m", "xlstm_tune", "run", "--device", "cpu", "--no-compile",
-                             "--max-new-tokens", "1000000", "--stats-log", str(stats)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = spawn([sys.executable, "-m", "xlstm_tune", "run", "--device", "cpu", "--no-compile",
+                  "--max-new-tokens", "1000000", "--stats-log", str(stats)],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)  # killed at teardown, pass or fail
     deadline = time.time() + 120
     while time.time() < deadline and (not stats.exists() or len(stats.read_text().splitlines()) < 20):
         time.sleep(0.2)

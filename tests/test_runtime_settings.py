@@ -19,16 +19,6 @@ from xlstm_tune.tracking.best_export import build_best, export_best
 KNOBS = dict(backend="native", chunk_size=16, heads_per_band=4, workers=1, t_inner=4, streams=0, decode_mode="eager")
 
 
-@pytest.fixture
-def restore_process() -> None:
-    """Settings.apply changes torch's thread count and the environment: put both back."""
-    threads, environ = torch.get_num_threads(), dict(os.environ)
-    yield
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(environ)
-
-
 def _one_line(exc: pytest.ExceptionInfo) -> str:
     msg = str(exc.value)
     assert "\n" not in msg
@@ -61,8 +51,12 @@ def test_env_form_round_trips() -> None:
     assert back == s
 
 
-def test_default_threads_follow_the_device() -> None:
+def test_default_threads_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert default_threads("cpu") == physical_cpus() <= available_cpus()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a fleet's share of the cores caps the default
+    assert default_threads("cpu") == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
     assert default_threads("cpu", concurrent=physical_cpus() * 4) == 1  # never below one
     assert 1 <= default_threads("cuda") <= 4 and 1 <= default_threads("mps") <= 4
 

@@ -21,9 +21,11 @@ from xlstm_tune.study.significance import (
     Rule,
     bootstrap_interval,
     estimate,
+    interval,
     geometric_mean,
     is_winner,
     paired_ratios,
+    t_interval,
 )
 from xlstm_tune.tracking.best_export import build_best
 
@@ -112,6 +114,22 @@ def test_bootstrap_is_seeded_and_agrees_with_a_normal_interval_on_many_rounds() 
     assert math.log(hi) == pytest.approx(m + 1.96 * se, abs=0.25 * se)
     lo90, hi90 = bootstrap_interval(ratios, 0.90)
     assert lo < lo90 < hi90 < hi  # a lower confidence gives a narrower interval
+
+
+def test_three_scattered_rounds_above_one_are_not_a_win() -> None:
+    ratios = [1.02, 1.10, 1.01]
+    assert bootstrap_interval(ratios)[0] > 1.0  # the bootstrap alone: its lower bound is the smallest ratio
+    lo, hi = interval(ratios)
+    assert lo == t_interval(ratios)[0] < 1.0 < hi
+    assert estimate(pairs_with(ratios), Rule()).verdict == NOT_WORSE
+    assert estimate(pairs_with([1.30, 1.32, 1.28]), Rule()).verdict == WINS  # a steady gain still wins
+
+
+def test_ties_rarely_win_with_few_rounds() -> None:
+    """200 studies of a true tie (log-normal noise, 3 rounds): a win is a false positive; at 95% two-sided
+    confidence about 2.5% of them may win. The bootstrap alone would let about 12.5% through."""
+    wins = sum(estimate(pairs_with(noisy(1.0, 0.1, 3)), Rule()).verdict == WINS for _ in range(200))
+    assert wins <= 15, f"seed {SEED}: {wins} of 200 ties won"
 
 
 def test_is_winner_needs_a_win_and_no_bad_phase() -> None:
@@ -286,7 +304,8 @@ def test_worker_pairs_each_candidate_with_the_default_measured_right_before_it(t
     pooled_d = reply["configs"]["D"]["prefill"]["16"]
     assert [s for p in pairs for s in p["default"]["prefill"]["16"]] == pooled_d
     for key in ("A", "B"):
-        assert [s for p in pairs if p["key"] == key for s in p["candidate"]["decode"]] == reply["configs"][key]["decode"]
+        pooled = [s for p in pairs if p["key"] == key for s in p["candidate"]["decode"]]
+        assert pooled == reply["configs"][key]["decode"]
     assert all(len(p["candidate"]["prefill"]["32"]) == 2 and len(p["default"]["decode"]) == 2 for p in pairs)
     summary = confirm.summarize_round(reply, {"key": "D", "knobs": DEFAULT_KNOBS}, configs[1:], [16, 32])
     assert summary["paired_rounds"] == 2

@@ -168,7 +168,9 @@ def test_relevance_canonical_form_and_invalid_combinations() -> None:
 def test_objective_movers() -> None:
     sp = _space({"backend": ["native", "queued"], "chunk_size": [16, 32], "decode_mode": ["eager"]})
     assert "chunk_size" in sp.moved_by("prefill_tok_s")
-    assert sp.moved_by("decode_tok_s") == ["backend"]
+    assert sp.moved_by("decode_tok_s") == []  # decode runs the decode step: only decode_mode moves it
+    assert _space({"backend": ["native", "queued"], "decode_mode": ["eager", "compiled"]}).moved_by("decode_tok_s") \
+        == ["decode_mode"]
     only_chunk = _space({"chunk_size": [16, 32]})
     assert only_chunk.moved_by("decode_tok_s") == []
 

@@ -41,14 +41,20 @@ _SQLITE_TEXT = (("database or disk is full", errno.ENOSPC), ("readonly database"
                 ("unable to open database file", errno.EACCES))
 
 
-def storage_fault(exc: BaseException) -> str | None:
-    """One line for an exception caused by a full, read-only or forbidden disk (anywhere in its chain:
-    OSError, or SQLite's wording of it under SQLAlchemy/MLflow), naming the path and the fix; else None."""
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions it was raised from or during (cause, else context), at most 16."""
     seen: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in seen and len(seen) < 16:
         seen.append(cur)
         cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """One line for an exception caused by a full, read-only or forbidden disk (anywhere in its chain:
+    OSError, or SQLite's wording of it under SQLAlchemy/MLflow), naming the path and the fix; else None."""
+    seen = exception_chain(exc)
     for e in seen:
         if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
             what, fix = _STORAGE_ERRNOS[e.errno]

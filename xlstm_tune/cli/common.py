@@ -17,6 +17,7 @@ list of values: one value fixes the knob, several make it the searched choices.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -154,8 +155,6 @@ def read_best_flag(args: argparse.Namespace, *, model_info: Mapping[str, Any], d
                          model_id=model_info.get("model_id"), config_hash=model_info.get("config_hash"),
                          device_name=device_name(device))
     for what in found:
-        import sys
-
         sys.stderr.write(f"warning: --allow-mismatch: {path} was measured on {what}\n")
     return best
 

@@ -52,6 +52,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="answer trials from a recorded study (trials.jsonl, study dir or name) instead of running the model")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live progress bar (default: when stderr is a terminal)")
+    s = p.add_argument_group("shared studies (several processes on one --storage, see docs/STUDY.md)")
+    s.add_argument("--heartbeat-interval", type=int, default=10, metavar="SEC",
+                   help="seconds between a running trial's heartbeats (default 10)")
+    s.add_argument("--grace-period", type=int, default=60, metavar="SEC",
+                   help="a trial whose process sent no heartbeat for this long is failed and re-queued once "
+                        "(default 60)")
+    s.add_argument("--rebuild-views", action="store_true",
+                   help="rewrite trials.jsonl, summary.csv and the missing MLflow child runs from the Optuna "
+                        "storage, measuring nothing")
     f = p.add_argument_group("many workers (docs/STUDY.md)")
     f.add_argument("--devices", action="append", default=None, metavar="LIST",
                    help="one trial worker per device on this study: cuda:0,cuda:1 (each sees only its GPU), "
@@ -75,8 +84,12 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
     for flag, value in (("--n-trials", args.n_trials), ("--timeout", args.timeout),
                         ("--trial-timeout", args.trial_timeout), ("--new-tokens", args.new_tokens),
-                        ("--repeats", args.repeats)):
+                        ("--repeats", args.repeats), ("--heartbeat-interval", args.heartbeat_interval),
+                        ("--grace-period", args.grace_period)):
         positive(flag, value)
+    if args.grace_period <= args.heartbeat_interval:
+        raise UserError(f"--grace-period ({args.grace_period} s) must be longer than --heartbeat-interval "
+                        f"({args.heartbeat_interval} s): a live trial would be taken for dead")
     if args.seed is not None and args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.trials_only and (args.devices or args.ray_address):
@@ -96,6 +109,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         compile=args.compile, context_lens=prefill_lengths(args) or None, new_tokens=args.new_tokens,
         repeats=args.repeats, prompt=args.prompt, prompt_file=args.prompt_file, knobs=knob_lists(args),
         trial_timeout=args.trial_timeout, objectives=objectives, progress=args.progress, argv=list(sys.argv),
+        heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period, rebuild_views=args.rebuild_views,
         devices=args.devices, ray_address=args.ray_address, trials_only=args.trials_only,
         config=args.config, runtime=runtime_flags(args),
     )

@@ -15,7 +15,8 @@ tile once and applies it to all B rows (up to 16 per program, tensor-core `tl.do
 reads every weight once and stays bandwidth-bound; the per-head norm prologue becomes its own small
 kernel there. Batch 1 keeps the GEMV kernel, which a 16-row tile would only slow down.
 
-All arithmetic is float32 whatever the weight dtype. Only imported where
+All arithmetic is float32 whatever the weight dtype (rows of B > 1 are rounded to a half weight dtype
+before their product, as the plain step's linear rounds its input; the sums stay float32). Only imported where
 `runtime.device.fused_decode_kernels` finds CUDA and Triton (or Triton's interpreter, for tests).
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -452,14 +453,28 @@ class OpenAIJudge(_HTTPJudge):
 # --------------------------------------------------------------------------------------------------
 
 
+# The commonest English function words: real prose is ~40% of them, random tokens (bytes, or words drawn
+# from a vocabulary) almost none. A sign of language, not of sense.
+_FUNCTION_WORDS = frozenset(
+    "a an the and or but if of to in on at by for with from as into than then that this these those it its "
+    "is are was were be been being has have had do does did not no so such can could will would should may "
+    "might must he she they we you i his her their our your my them him us me who which what when where "
+    "there here all some any each more most other".split()
+)
+_WORD = re.compile(r"^[(\"'\[]*[A-Za-z][A-Za-z'\-]*[.,;:!?\"')\]]*$")
+_PROSE_FUNCTION_SHARE = 0.25  # at or above this share of function words, text reads as prose
+
+
 class BuiltinJudge(Judge):
     """Deterministic offline heuristic; NOT a language judgement.
 
-    It only looks at surface statistics of the whitespace-split words: fluency falls with 4-gram
-    repetition (loops), coherence rises with distinct-2 (varied phrasing), relevance is the share of
-    the prompt's words (3+ letters) that the continuation reuses, and overall is their rounded mean.
-    It lets the judging pipeline run offline and flags degenerate output; it cannot tell sense from
-    fluent nonsense.
+    It looks at surface statistics of the whitespace-split words. Two gates say whether the text looks
+    like language at all: the share of words made of letters (random bytes have none) and the share of
+    common English function words (random tokens have almost none, prose ~40%). Fluency is the gates
+    times 1 - 4-gram repetition (loops); coherence the gates times distinct-2 (varied phrasing);
+    relevance the share of the prompt's words (3+ letters) the continuation reuses, gated too; overall
+    their rounded mean. It lets the judging pipeline run offline and scores degenerate or random output
+    low; it cannot tell sense from fluent nonsense, and it only knows English.
     """
 
     name = "builtin"
@@ -473,18 +488,22 @@ class BuiltinJudge(Judge):
         else:
             rep = repetition_rate(words, 4)
             d2 = distinct_n(words, 2) if len(words) >= 2 else 1.0
-            prompt_vocab = {w.lower().strip(".,;:!?\"'()") for w in prompt.split()}
+            wordlike = sum(1 for w in words if _WORD.match(w)) / len(words)
+            cont_vocab = [w.lower().strip(".,;:!?\"'()[]") for w in words]
+            function = sum(1 for w in cont_vocab if w in _FUNCTION_WORDS) / len(words)
+            language = wordlike * min(1.0, function / _PROSE_FUNCTION_SHARE)
+            prompt_vocab = {w.lower().strip(".,;:!?\"'()[]") for w in prompt.split()}
             prompt_vocab = {w for w in prompt_vocab if len(w) >= 3}
-            cont_vocab = {w.lower().strip(".,;:!?\"'()") for w in words}
-            overlap = len(prompt_vocab & cont_vocab) / len(prompt_vocab) if prompt_vocab else 0.0
-            fluency = _to_score(1.0 - rep)
-            coherence = _to_score(d2)
-            relevance = _to_score(min(1.0, 2.0 * overlap))
+            overlap = len(prompt_vocab & set(cont_vocab)) / len(prompt_vocab) if prompt_vocab else 0.0
+            fluency = _to_score(language * (1.0 - rep))
+            coherence = _to_score(language * d2)
+            relevance = _to_score(language * min(1.0, 2.0 * overlap))
             overall = _to_score(((fluency + coherence + relevance) / 3.0 - 1.0) / 9.0)
             scores = JudgeScores(
                 coherence, relevance, fluency, overall,
-                f"Heuristic from surface statistics: distinct-2 {d2:.2f}, 4-gram repetition "
-                f"{rep:.2f}, prompt-word overlap {overlap:.2f}.",
+                f"Heuristic from surface statistics: letter words {wordlike:.2f}, function words "
+                f"{function:.2f}, distinct-2 {d2:.2f}, 4-gram repetition {rep:.2f}, prompt-word overlap "
+                f"{overlap:.2f}.",
             )
         raw = json.dumps(asdict(scores))
         return JudgeResult(scores, True, None, raw, 1, time.perf_counter() - start)

@@ -32,6 +32,8 @@ __all__ = [
     "best_by_knob",
     "plot_best_by_knob",
     "plot_prefill_vs_decode",
+    "prefill_vs_decode_figure",
+    "decode_steps_figure",
     "plot_history",
     "plot_param_importances",
     "plot_decode_steps",
@@ -269,7 +271,7 @@ def plot_best_by_knob(
     return _save(fig, out_path)
 
 
-def plot_prefill_vs_decode(records: Iterable[Record], out_path: str | Path) -> Path:
+def prefill_vs_decode_figure(records: Iterable[Record]) -> Figure:
     """Scatter of prefill vs decode throughput per trial, with the Pareto front of feasible trials.
 
     Feasible trials are dots, the front (both maximised) a staircase through the trials no other
@@ -294,7 +296,7 @@ def plot_prefill_vs_decode(records: Iterable[Record], out_path: str | Path) -> P
 
     if not feas and not infeas and not nometric:
         _no_data(ax, "no trials")
-        return _save(fig, out_path)
+        return fig
 
     if not feas and not infeas:
         states: dict[str, int] = {}
@@ -302,7 +304,7 @@ def plot_prefill_vs_decode(records: Iterable[Record], out_path: str | Path) -> P
             states[st.lower()] = states.get(st.lower(), 0) + 1
         what = ", ".join(f"{k} {v}" for k, v in sorted(states.items()))
         _no_data(ax, f"no trial produced both metrics ({what})")
-        return _save(fig, out_path)
+        return fig
     if feas:
         ax.scatter([p[0] for p in feas], [p[1] for p in feas], s=28, color=C_FEASIBLE, alpha=0.75,
                    label=f"feasible trials ({len(feas)})", zorder=2)
@@ -318,10 +320,9 @@ def plot_prefill_vs_decode(records: Iterable[Record], out_path: str | Path) -> P
         ax.plot(sx, sy, color=C_FRONT, linewidth=1.8, zorder=3,
                 label=f"Pareto front ({len(front)} trials; #trial number)")
         ax.scatter(fx, fy, s=60, facecolors="none", edgecolors=C_FRONT, linewidths=1.8, zorder=4)
-        for i in front:
-            if feas[i][2] is not None:
-                ax.annotate(f"#{feas[i][2]}", (feas[i][0], feas[i][1]), xytext=(4, 4),
-                            textcoords="offset points", fontsize=8, color="saddlebrown")
+        labels = [ax.annotate(f"#{feas[i][2]}", (feas[i][0], feas[i][1]), xytext=(4, 4),
+                              textcoords="offset points", fontsize=8, color="saddlebrown")
+                  for i in front if feas[i][2] is not None]
     if infeas:
         ax.scatter([p[0] for p in infeas], [p[1] for p in infeas], marker="x", s=40,
                    color=C_INFEASIBLE, label=f"infeasible: fidelity failed ({len(infeas)})", zorder=2)
@@ -341,7 +342,29 @@ def plot_prefill_vs_decode(records: Iterable[Record], out_path: str | Path) -> P
     ax.set_xlim(0, max(known_x) * 1.05 if known_x and max(known_x) > 0 else None)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.9)
-    return _save(fig, out_path)
+    if feas:
+        _separate_labels(fig, labels)
+    return fig
+
+
+def plot_prefill_vs_decode(records: Iterable[Record], out_path: str | Path) -> Path:
+    """:func:`prefill_vs_decode_figure` as a PNG."""
+    return _save(prefill_vs_decode_figure(records), out_path)
+
+
+def _separate_labels(fig: Figure, labels: list[Any]) -> None:
+    """Move trial-number labels up, one label height at a time, until none overlaps another."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw_without_rendering()  # lay out the axes so that the labels' extents are final
+    placed: list[Any] = []
+    for label in labels:
+        for _ in range(len(labels) + 1):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            dx, dy = label.xyann
+            label.xyann = (dx, dy + box.height * 72.0 / fig.dpi + 1.0)
+        placed.append(label.get_window_extent(renderer))
 
 
 def plot_history(
@@ -467,7 +490,7 @@ def _read_stats_csv(path: Path) -> dict[str, list[float]]:
     return cols
 
 
-def plot_decode_steps(stats_csv_path: str | Path, out_path: str | Path) -> Path:
+def decode_steps_figure(stats_csv_path: str | Path) -> Figure:
     """Two panels over decode step: time per step (ms), and instantaneous / average tok/s.
 
     Shows warm-up and compilation spikes, drift (thermal throttling, memory pressure) and how fast
@@ -484,7 +507,7 @@ def plot_decode_steps(stats_csv_path: str | Path, out_path: str | Path) -> Path:
     if not steps:
         _no_data(ax_dt, "the CSV has no rows")
         _no_data(ax_tp, "the CSV has no rows")
-        return _save(fig, out_path)
+        return fig
     marker = "o" if len(steps) <= 60 else None
     dt = cols["dt_ms"]
     ax_dt.plot(steps, dt, color=C_FEASIBLE, marker=marker, markersize=3, linewidth=1,
@@ -506,7 +529,12 @@ def plot_decode_steps(stats_csv_path: str | Path, out_path: str | Path) -> Path:
     ax_tp.set_ylim(bottom=0)
     ax_tp.legend(loc="lower right", fontsize=8)
     ax_tp.grid(alpha=0.3)
-    return _save(fig, out_path)
+    return fig
+
+
+def plot_decode_steps(stats_csv_path: str | Path, out_path: str | Path) -> Path:
+    """:func:`decode_steps_figure` as a PNG."""
+    return _save(decode_steps_figure(stats_csv_path), out_path)
 
 
 def _safe_stem(name: str) -> str:

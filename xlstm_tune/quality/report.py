@@ -223,8 +223,9 @@ def _confirmation_section(best: Mapping[str, Any] | None) -> list[str]:
     conf0 = confirmed[0]["confirmation"]
     lines += [f"Candidates re-measured against the default in {conf0.get('paired_rounds', 0)} paired round(s); "
               f"speed-up = geometric mean of the per-round ratios, with its "
-              f"{float(conf0.get('confidence', 0.95)):.0%} bootstrap interval. A winner wins on a phase "
-              f"(interval above 1) and loses no phase beyond max_trade = {float(conf0.get('max_trade', 0)):g}.", ""]
+              f"{float(conf0.get('confidence', 0.95)):.0%} interval (bootstrap and Student t envelope). "
+              f"A winner wins on a phase (interval above 1) and loses no phase beyond "
+              f"max_trade = {float(conf0.get('max_trade', 0)):g}.", ""]
     rows = []
     for c in confirmed:
         conf = c["confirmation"]

@@ -506,12 +506,15 @@ def default_threads(device: str | torch.device, concurrent: int = 1) -> int:
     """torch's intra-op thread count for measurements on `device`.
 
     CPU: the physical cores this process may use, shared among `concurrent` measuring processes (more
-    threads than cores only adds contention, the main source of noise on a busy machine). CUDA/MPS: the
-    host threads only launch kernels and run small CPU ops, so a few are enough.
+    threads than cores only adds contention, the main source of noise on a busy machine), and no more
+    than OMP_NUM_THREADS where that is set (a study fleet splits the cores among its workers that way).
+    CUDA/MPS: the host threads only launch kernels and run small CPU ops, so a few are enough.
     """
     dev = _as_device(device)
     if dev.type == "cpu":
-        return max(1, physical_cpus() // max(1, int(concurrent)))
+        n = max(1, physical_cpus() // max(1, int(concurrent)))
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        return max(1, min(n, int(omp))) if omp.isdigit() and int(omp) > 0 else n
     return max(1, min(4, available_cpus()))
 
 

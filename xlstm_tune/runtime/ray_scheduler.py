@@ -16,7 +16,8 @@ Environment (seed system names, their meaning now):
   recorded in Ray's temporary folder (`RAY_TMPDIR`, default /tmp/ray). Unlike Ray's own
   `address="auto"`, no other Ray process found on the machine is ever joined.
 * XLSTM_RAY_AUTOSHUTDOWN=1 (default): shut down the private runtime when the process exits (normal exit,
-  exception or Ctrl-C) and remove its folder; 0 leaves it running.
+  exception or Ctrl-C) and remove its folder; 0 leaves both to Ray (its processes still end with this
+  process: Ray ties them to the process that started them; the folder stays).
 * XLSTM_RAY_INIT_TIMEOUT_S (default 120): how long starting or joining Ray may take before it is an error.
 """
 from __future__ import annotations

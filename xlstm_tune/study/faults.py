@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Callable
 
-from xlstm_tune.errors import MemoryAbort, UserError
+from xlstm_tune.errors import MemoryAbort, UserError, exception_chain
 
 FAULT_ENV = "XLSTM_TUNE_INJECT_FAULT"
 FAULT_KINDS = ("crash", "segfault", "compile_error", "oom", "memory_abort", "timeout", "error", "delay")
@@ -56,15 +56,6 @@ def faults_from_env(environ: Mapping[str, str] | None = None) -> dict[int, str]:
     return parse_faults((os.environ if environ is None else environ).get(FAULT_ENV))
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and cur not in seen and len(seen) < 16:
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return seen
-
-
 _COMPILER_MODULES = ("torch._dynamo", "torch._inductor")
 _COMPILER_PATHS = ("/torch/_dynamo/", "/torch/_inductor/", "/torch/fx/", "/torch/_functorch/")
 
@@ -82,7 +73,7 @@ def _raised_in_compiler(exc: BaseException) -> bool:
 
 def classify_exception(exc: BaseException) -> str:
     """The failure reason for an exception raised while a trial ran (see the module docstring)."""
-    chain = _chain(exc)
+    chain = exception_chain(exc)
     if any(isinstance(e, MemoryAbort) for e in chain):
         return "memory_abort"
     for e in chain:

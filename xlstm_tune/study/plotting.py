@@ -1,6 +1,7 @@
 """Plots and report.md for a study, attached to its MLflow parent run (used by `study` and `plot`)."""
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from xlstm_tune.tracking.study_files import read_numbered_jsonl
 from xlstm_tune.tracking.study_lookup import existing_study, open_study_runs
 
 JOURNAL_NAME = "optuna.journal"
-MAX_STATS_PLOTS = 8
+MAX_STATS_PLOTS = 64  # one figure per trial; beyond this the report says how many were left out
 _STATS_HEADER = "step,dt_ms,cum_ms,inst_tok_s,avg_tok_s"
 
 
@@ -120,11 +121,17 @@ def _evaluator(optuna: Any) -> tuple[Any, str]:
     return optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA (share of the variance explained)"
 
 
+def natural_key(path: Path) -> list[Any]:
+    """Sort key that orders the numbers inside a name as numbers: trial_2 < trial_10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
 def _stats_csvs(outputs_dir: Path) -> tuple[list[Path], str | None]:
-    """Decode-step CSVs (the `--stats-log` header) saved in outputs/, capped to keep the report short."""
+    """Decode-step CSVs (the `--stats-log` header) saved in outputs/, in trial order (trial_2 before
+    trial_10), capped to keep the report readable."""
     found = []
     if outputs_dir.is_dir():
-        for p in sorted(outputs_dir.glob("*.csv")):
+        for p in sorted(outputs_dir.glob("*.csv"), key=natural_key):
             try:
                 with p.open(encoding="utf-8") as fh:
                     header = fh.readline().strip().replace(" ", "")

@@ -109,8 +109,14 @@ def measured(rec: Mapping[str, Any]) -> bool:
 
 
 def user_attrs(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """Optuna user attributes for a trial: the whole record plus a few headline figures for the dashboard."""
-    attrs: dict[str, Any] = {"record": _json_ready(rec), "constraint": rec.get("constraint", 1.0),
+    """Optuna user attributes for a trial: the whole record (the study's source of truth), the knobs that
+    ran, and a few headline figures for the dashboard.
+
+    `knobs` holds the canonical values (what ran, as report.md, summary.csv and MLflow show them); the
+    trial's Optuna params stay the raw sampled values the sampler needs (a knob the backend ignores may
+    differ there, e.g. `workers` of the native backend)."""
+    attrs: dict[str, Any] = {"record": _json_ready(rec), "knobs": {k: rec.get(k) for k in KNOBS},
+                             "config_key": rec.get("key"), "constraint": rec.get("constraint", 1.0),
                              "failure_reason": rec.get("failure_reason"), "feasible": bool(rec.get("feasible"))}
     for k in USER_ATTR_METRICS:
         if isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool) and math.isfinite(rec[k]):

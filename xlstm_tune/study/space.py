@@ -5,12 +5,24 @@ Three rules keep trials from being wasted (docs/STUDY.md "Search space"):
 1. **Narrowed to the machine and model before the study starts.** Decode modes are cut to
    `available_decode_modes(device)`, `streams > 0` is dropped where the device has no streams, and
    `heads_per_band` is cut to the model's head count. A knob left with no value is a UserError.
-2. **Conditional knobs.** A knob is only sampled where the chosen backend uses it: `workers` and `streams`
-   for `queued`; `heads_per_band` for `queued` and `ray`; `t_inner` for the step-block backends, and for
-   `native` only when the model has sLSTM blocks (mLSTM's chunkwise kernel has no inner steps).
+2. **Conditional knobs: only live knobs are sampled.** A knob is sampled under a backend only where
+   changing it changes what runs there, as counted in `RunStats` (tests/test_knob_liveness.py walks every
+   pair `relevant` allows and checks that a measured count moves while the output does not):
+   * `chunk_size`, all backends: for `queued`/`ray` the dispatch unit (a task is one chunk of one head
+     band: tasks = chunks x bands), for `native` the chunkwise kernel's chunk length (chunks run).
+   * `t_inner`: steps per step-block call (step-block calls per chunk) for `queued`/`ray`; for `native`
+     only when the model has sLSTM blocks (mLSTM's chunkwise kernel has no inner steps).
+   * `heads_per_band`: `queued`/`ray` (tasks, band widths, Ray actors); `native` runs one band of all heads.
+   * `workers`: `queued` only (chunk tasks in flight at once); `ray` runs one actor per band, no pool.
+   * `streams`: `queued` only, and only on devices with streams (tasks issued on side streams).
+   * `decode_mode`, all backends: the decode step that runs (decode steps per path).
 3. **Canonical configurations.** Irrelevant knobs take the default configuration's value, and `workers`
-   above the number of head bands is cut to it (threads beyond the band count never get work). Two trials
-   with the same canonical knobs are the same measurement: the second is answered from the first.
+   and `streams` above the number of head bands are cut to it (threads or streams beyond the band count
+   never get work). Two trials with the same canonical knobs are the same measurement: the second is
+   answered from the first.
+
+Objectives: a prefill objective is moved by PREFILL_KNOBS, a decode objective by decode_mode alone
+(DECODE_KNOBS): benchmarks/decode_knobs.py measured backend and workers to leave decode within noise.
 
 Combinations still invalid after that (`t_inner` not dividing `chunk_size`) are detected before a trial
 starts and recorded as pruned with reason `invalid_combination`, without running anything.
@@ -30,10 +42,11 @@ from xlstm_tune.study.spec import Dimension, ExperimentSpec
 DEFAULT_KNOBS = {"backend": "queued", "chunk_size": 32, "heads_per_band": 4, "workers": 4, "t_inner": 4,
                  "streams": 0, "decode_mode": "eager"}
 PREFILL_KNOBS = ("backend", "chunk_size", "heads_per_band", "workers", "t_inner", "streams")
-# Decode runs the step function, not the prefill scheduler, but the scheduler's threads (queued pool,
-# Ray actors) stay alive while it runs: on a 2-core CPU an active queued pool slowed eager decode by ~1.5x
-# in our measurements. So backend and workers can move decode too.
-DECODE_KNOBS = ("decode_mode", "backend", "workers")
+# Decode runs the decode mode's step function, never the prefill scheduler. Whether the scheduler a
+# backend leaves alive (queued pool threads, Ray actors) slows it was measured (benchmarks/decode_knobs.py,
+# docs/PERFORMANCE.md): backend and workers moved decode within the noise of an identical configuration,
+# decode_mode by 5.5x. So only decode_mode is a decode knob.
+DECODE_KNOBS = ("decode_mode",)
 MAX_GRID = 20_000
 
 
@@ -149,7 +162,7 @@ class SearchSpace:
         return dict(DEFAULT_KNOBS, heads_per_band=min(DEFAULT_KNOBS["heads_per_band"], self.num_heads))
 
     def canonical(self, knobs: Mapping[str, Any]) -> dict[str, Any]:
-        """Irrelevant knobs set to the default's values; workers cut to the number of head bands."""
+        """Irrelevant knobs set to the default's values; workers and streams cut to the number of head bands."""
         k = dict(knobs)
         default = self.default_knobs()
         backend = k["backend"]
@@ -162,6 +175,7 @@ class SearchSpace:
             bands = max(_bands(self.num_heads, k["heads_per_band"]) if self.has_mlstm else 0,
                         _bands(self.slstm_num_heads, k["heads_per_band"]) if self.has_slstm else 0, 1)
             k["workers"] = min(int(k["workers"]), bands)
+            k["streams"] = min(int(k["streams"]), bands)  # band b issues on stream b mod streams
         return {name: k[name] for name in KNOBS}
 
     def knobs_from_params(self, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,15 +1,16 @@
 """The files of one study: `<out_dir>/studies/<study>/` (DESIGN.md §4 "Where results go").
 
-    run_meta.json   what was run (spec, model, device, versions), rewritten atomically
-    trials.jsonl    one JSON object per line per trial, append-only; survives a killed process
+    run_meta.json   what was run (spec, model, device, versions, the storage), rewritten atomically
+    trials.jsonl    one JSON object per line per finished trial: a view of the Optuna storage (the source
+                    of truth, study.views), rewritten atomically
     summary.csv     the same records as a table, the seed system's columns first, rewritten atomically
     best.json       the exported winner (tracking.best_export)
     outputs/        per-trial continuation texts and other outputs
     plots/          figures
 
 A study can be killed at any instant (timeout, OOM killer, Ctrl-C), so nothing here is ever left
-half-written: whole files go through temp + fsync + rename, and trials.jsonl grows one complete line per
-fsync'd write. A reader tolerates the one partial line a kill can still leave.
+half-written: whole files go through temp + fsync + rename (`append_trial` grows a file one complete,
+fsync'd line at a time). A reader tolerates the one partial line a kill can leave in an appended file.
 """
 from __future__ import annotations
 
