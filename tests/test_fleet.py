@@ -92,7 +92,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_device_lists() -> None:
     assert worker_devices("cpu:3") == ["cpu", "cpu", "cpu"]
     assert worker_devices("cpu, cpu") == ["cpu", "cpu"]
-    assert isolated_device("cpu") == ("cpu", {})
+    assert isolated_device("cpu") == ("cpu", {"CUDA_VISIBLE_DEVICES": ""})  # a CPU worker sees no GPU
     for bad, word in (("cpu:0", "cpu:N"), ("", "names no device"), ("auto", "explicit"), ("tpu:1", "unknown device")):
         with pytest.raises(UserError, match=word) as exc:
             worker_devices(bad)
