@@ -36,9 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **extra}
-    env.pop("XLSTM_TUNE_INJECT_FAULT", None)
-    return env
+    env = {k: v for k, v in os.environ.items() if k != "XLSTM_TUNE_INJECT_FAULT"}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
 
 
 def _study(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -196,7 +195,9 @@ def test_sigterm_reaches_every_worker_and_their_trials_are_put_back(tmp_path: Pa
                 if len(running) == 2:
                     break
             time.sleep(0.5)
-        assert len(running) == 2, "both workers should be inside a trial"
+        if len(running) != 2:
+            proc.kill()
+            raise AssertionError(f"both workers should be inside a trial; the study said: {proc.communicate()[1][-3000:]}")
         group = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=200)
