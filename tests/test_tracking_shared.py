@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pg_server import find_pg_bin, postgres_server
 
 pytest.importorskip("mlflow")
 
@@ -28,7 +28,6 @@ from xlstm_tune.tracking.mlflow_log import (  # noqa: E402
     with_installed_driver,
 )
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 N_PROCS = 4
 
 
@@ -157,45 +156,13 @@ def test_tracking_through_an_mlflow_server(mlflow_server: str, tmp_path: Path) -
 
 # ---- PostgreSQL ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private PostgreSQL 15 server on loopback, run as an unprivileged user (it refuses root)."""
-    if not (PG_BIN / "initdb").is_file():
-        pytest.skip("PostgreSQL 15 binaries are not installed")
-    root = tmp_path_factory.mktemp("pg")
-    data = root / "data"
-    user = "nobody" if os.geteuid() == 0 else None
-    as_user = ["runuser", "-u", user, "--"] if user else []
-    if user:
-        shutil.chown(root, user)
-        os.chmod(root, 0o755)
-        for parent in root.parents:  # the server must reach its data directory
-            if parent == Path(parent.anchor):
-                break
-            os.chmod(parent, os.stat(parent).st_mode | 0o011)
-    subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "xt", "--no-sync"],
-                   check=True, capture_output=True)
-    port = free_port()
-    log = open(root / "pg.log", "wb")
-    proc = subprocess.Popen([*as_user, str(PG_BIN / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
-                             "-k", str(root), "-c", "fsync=off"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-    def ready() -> bool:
-        return subprocess.run([str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                              capture_output=True).returncode == 0
-
-    try:
-        wait_until(ready, "postgres", 120, proc)
-        yield f"127.0.0.1:{port}"
-    finally:
-        kill_group(proc)
-        log.close()
-
-
-def _createdb(server: str, name: str) -> str:
-    host, port = server.split(":")
-    subprocess.run([str(PG_BIN / "createdb"), "-h", host, "-p", port, "-U", "xt", name], check=True, capture_output=True)
-    return f"postgresql://xt@{server}/{name}"
+def postgres() -> Iterator[str]:
+    """A private PostgreSQL server on loopback (tests/pg_server.py); yields the URL of an empty database."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL's initdb was not found: run .ci/install-test-services (apt-get install postgresql)")
+    with postgres_server(bin_dir) as url:
+        yield url
 
 
 def test_postgresql_url_uses_the_installed_driver() -> None:
@@ -209,7 +176,7 @@ def test_postgresql_url_uses_the_installed_driver() -> None:
 
 
 def test_processes_starting_together_on_a_fresh_postgresql_store(postgres: str, tmp_path: Path) -> None:
-    uri = _createdb(postgres, "mlflow_race")
+    uri = postgres  # a fresh database: MLflow's schema is created by the racing processes
     _check_race(uri, _race(uri, tmp_path / "artifacts"))
     tr = StudyTracker(uri, "race")
     tr.start_parent("race-study")

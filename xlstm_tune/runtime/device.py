@@ -137,9 +137,11 @@ def isolated_device(name: str) -> tuple[str, dict[str, str]]:
     """(the device as a worker that may see only `name` calls it, the environment that hides the others).
 
     `cuda:N` -> (`cuda:0`, CUDA_VISIBLE_DEVICES=<N's physical id>): a worker can touch no other GPU, and
-    libraries that default to device 0 land on the right one. CPU and MPS have nothing to hide.
+    libraries that default to device 0 land on the right one. A CPU worker sees no GPU.
     """
     dev = resolve_device(name)
+    if dev.type == "cpu":
+        return "cpu", {"CUDA_VISIBLE_DEVICES": ""}  # a CPU worker touches no GPU ("auto" there is the CPU)
     if dev.type != "cuda":
         return str(dev), {}
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]

@@ -85,8 +85,10 @@ def worker_options(run: "StudyRun", plan: WorkerPlan) -> dict[str, Any]:
 
     opts = run.opts
     storage = opts.storage if opts.storage is not None else str(default_journal_path(run.out_dir).resolve())
+    # The worker asks for the launcher's device (the study's settings must be the same to join it); its
+    # environment makes that resolve to the worker's own device (check_devices made sure it does).
     out = dataclasses.replace(
-        opts, study_name=run.name, storage=storage, tracking_uri=run.tracking_uri, device=plan.device,
+        opts, study_name=run.name, storage=storage, tracking_uri=run.tracking_uri, device=opts.device,
         out_dir=str((run.files.root / "fleet" / plan.label).resolve()), devices=None, ray_address=None,
         trials_only=True, progress=False, warm_start=[],  # the launcher enqueued the warm starts
         experiment=_absolute(opts.experiment), prompt_file=_absolute(opts.prompt_file),
@@ -101,6 +103,14 @@ def _absolute(path: str | None) -> str | None:
     return path
 
 
+def check_devices(run: "StudyRun", worker_device: str) -> None:
+    """Workers measure on the study's device: the launcher's, as the workers see theirs (cuda:0, cpu)."""
+    study_device = str(run.plan.caps.get("device") or "")
+    if study_device != worker_device:
+        raise UserError(f"the workers measure on {worker_device} but this study's device is {study_device or '?'}: "
+                        f"pass --device {worker_device.split(':')[0]} (a study measures on one kind of device)")
+
+
 def run_fleet(run: "StudyRun") -> list[WorkerReport]:
     """Run the study's trials in worker processes; returns once every worker has stopped."""
     opts = run.opts
@@ -111,6 +121,8 @@ def run_fleet(run: "StudyRun") -> list[WorkerReport]:
 
         devices = [d for item in opts.devices or [] for d in worker_devices(item)]
         plans = plan_local(devices, usable_cores())
+        for p in plans:
+            check_devices(run, p.device)
         reports = LocalFleet(plans, run.files.root / "fleet", run.err).run(
             [worker_options(run, p) for p in plans])
     for r in reports:
@@ -288,11 +300,16 @@ class RayFleet:
                                 f"is a file on this machine: use --storage postgresql://... and "
                                 f"--tracking-uri http://HOST:PORT (docs/STUDY.md, A Ray cluster)")
             n, resources, device = self.shape(ray.cluster_resources())
+            check_devices(run, device)
             task = ray.remote(max_retries=0, **resources)(ray_worker)
             refs = []
             for i in range(n):
-                plan = WorkerPlan(f"r{i}", device, {v: str(int(resources["num_cpus"])) for v in THREAD_VARS})
-                refs.append(task.remote(worker_options(run, plan), {**plan.env, ENV_WORKER: plan.label}, os.getcwd()))
+                env = {v: str(int(resources["num_cpus"])) for v in THREAD_VARS}
+                if device == "cpu":
+                    env["CUDA_VISIBLE_DEVICES"] = ""
+                plan = WorkerPlan(f"r{i}", device, env)
+                refs.append(task.remote(worker_options(run, plan), {**plan.env, ENV_WORKER: plan.label}, os.getcwd(),
+                                        plan.device))
                 run.err.write(f"worker {plan.label}: a Ray task with {resources}\n")
             run.err.flush()
             return self._wait(ray, refs, run.err)
@@ -324,7 +341,7 @@ class RayFleet:
         return reports
 
 
-def ray_worker(options: dict[str, Any], env: dict[str, str], cwd: str) -> dict[str, Any]:
+def ray_worker(options: dict[str, Any], env: dict[str, str], cwd: str, device: str) -> dict[str, Any]:
     """Body of a Ray worker task: one study worker process on this node, stopped with the task."""
     import socket
     import tempfile
@@ -345,7 +362,7 @@ def ray_worker(options: dict[str, Any], env: dict[str, str], cwd: str) -> dict[s
             if proc.poll() is None:
                 kill_group(proc)
     lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    return {"label": label, "device": options.get("device") or "", "returncode": rc, "pid": proc.pid,
+    return {"label": label, "device": device, "returncode": rc, "pid": proc.pid,
             "host": socket.gethostname(), "log": str(log_path), "last_line": lines[-1].strip() if lines else ""}
 
 
@@ -365,7 +382,7 @@ def worker_main(argv: Sequence[str], run_study: Callable[["StudyOptions"], Any] 
     try:
         opts = StudyOptions(**json.loads(argv[0]))
         sys.stderr.write(f"xlstm_tune study worker {os.environ.get(ENV_WORKER, '')}: pid {os.getpid()}, device "
-                         f"{opts.device}, {torch.get_num_threads()} math thread(s), "
+                         f"{opts.device or 'auto'}, {torch.get_num_threads()} math thread(s), "
                          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(all)')}\n")
         sys.stderr.flush()
         (run_study or default_run)(opts)
