@@ -1,28 +1,31 @@
-"""How many trials each sampler needs to find a near-optimal configuration, against random search.
+"""How much measuring TIME each sampler needs to find a near-optimal configuration, with and without early
+stopping, against random search, in replay mode.
 
-    python benchmarks/sampler_efficiency.py                 # replay the recorded grid (seconds to minutes)
-    python benchmarks/sampler_efficiency.py --record        # re-measure the grid first (~3 min on 2 CPU cores)
-    python benchmarks/sampler_efficiency.py --seeds 20 --samplers tpe,random --target 0.9 --json
+    python benchmarks/sampler_efficiency.py                                   # the recorded tiny CPU grid
+    python benchmarks/sampler_efficiency.py --data benchmarks/data/xlstm350m_h200_grid --seeds 20
+    python benchmarks/sampler_efficiency.py --objectives prefill_tok_s --target 0.9 --json
 
-The ground truth is a recorded exhaustive grid (`experiments/grid_tiny.toml`: every valid configuration of
-the `tiny` model on a CPU, measured once), kept in benchmarks/data/tiny_cpu_grid/. Each sampler then runs
-replayed studies (`xlstm_tune.study.replay`: trials answered from the record, deterministic per seed) and we
-count the trials until one reaches `target` (default 95%) of the exhaustive optimum of the objective.
+The ground truth is a recorded grid (benchmarks/record_grid.py; default benchmarks/data/tiny_cpu_grid:
+every valid configuration of `experiments/grid_tiny.toml` on a 2-core CPU). Each sampler runs replayed
+studies (`xlstm_tune.study.replay.replay_costed`: the default first, repeated configurations free, every
+trial charged the recorded cost in seconds of the stages it ran) with early stopping on (the study's
+default rule, `[pruning]`) and off, one per seed, until a configuration reaches the target.
 
-Two costs are reported: trials (what --n-trials counts) and distinct configurations (what a real study
-measures; a repeated configuration is answered from its first measurement). Runs that never reach the
-target within `--budget` trials are counted as failures and shown apart (they are not in the quantiles).
+Target on several objectives: a configuration's score is min over objectives of value / grid optimum;
+the target is `--target` (default 95%) of the best score in the grid (1.0 when one configuration is best
+on every objective). Reported per sampler and setting: the median over seeds of the recorded seconds
+and of the trials to reach it, p20/p80 of the seconds, runs that never reached it within `--budget`
+trials, and random search without early stopping's median seconds / this median ("vs random").
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,20 +33,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DATA = HERE / "data" / "tiny_cpu_grid"
 GRID_SPEC = REPO / "experiments" / "grid_tiny.toml"
-SAMPLERS = ["random", "tpe", "ga", "gp", "grid", "cmaes"]
+SAMPLERS = ["random", "tpe", "ga", "gp", "cmaes"]
 
 
 def record(data: Path) -> None:
-    """Measure the whole grid with the real model and keep trials.jsonl + run_meta.json in `data`."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "xlstm_tune", "study", "--experiment", str(GRID_SPEC), "--out-dir", tmp,
-               "--no-progress"]
-        print("recording:", " ".join(cmd), file=sys.stderr)
-        subprocess.run(cmd, check=True, cwd=REPO)
-        src = Path(tmp) / "studies" / "grid-tiny"
-        data.mkdir(parents=True, exist_ok=True)
-        for name in ("trials.jsonl", "run_meta.json"):
-            shutil.copyfile(src / name, data / name)
+    """Measure the tiny grid with the real model (benchmarks/record_grid.py) into `data`."""
+    if data.resolve().parent != (HERE / "data").resolve():
+        raise SystemExit(f"--record writes benchmarks/data/<name>/: pass --data {HERE / 'data'}/<name>")
+    cmd = [sys.executable, str(HERE / "record_grid.py"), "--experiment", str(GRID_SPEC), "--name", data.name]
+    print("recording:", " ".join(cmd), file=sys.stderr)
+    subprocess.run(cmd, check=True, cwd=REPO)
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -54,29 +53,43 @@ def quantile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def scores(lookup: dict, objectives: list[str], optimum: dict[str, float]) -> dict[str, float]:
+    """Per configuration key: min over objectives of value / optimum (feasible, fully measured ones)."""
+    out = {}
+    for key, r in lookup.items():
+        if not bool(r.get("fidelity_passed", r.get("feasible", True))):
+            continue
+        vals = [r.get(o) for o in objectives]
+        if any(not isinstance(v, (int, float)) for v in vals):
+            continue
+        out[key] = min(float(v) / optimum[o] for v, o in zip(vals, objectives))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    from xlstm_tune.study.pruning import PruneRule
     from xlstm_tune.study.replay import (
         exhaustive_optimum,
         load_source,
-        replay_trace_detailed,
+        replay_costed,
         source_capabilities,
         source_model_info,
         source_spec_doc,
     )
+    from xlstm_tune.study.samplers import check_sampler
     from xlstm_tune.study.space import SearchSpace
     from xlstm_tune.study.spec import parse_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=DATA, help="recorded study directory (trials.jsonl + run_meta.json)")
-    p.add_argument("--record", action="store_true", help="measure the grid again before replaying")
-    p.add_argument("--seeds", type=int, default=10, help="seeds per sampler (default 10)")
+    p.add_argument("--data", type=Path, default=DATA, help="recorded grid (trials.jsonl + run_meta.json)")
+    p.add_argument("--record", action="store_true", help="measure the tiny grid again before replaying")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per sampler and setting (default 10)")
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated samplers")
-    p.add_argument("--objective", default="prefill_tok_s", help="objective to maximise (default prefill_tok_s)")
-    p.add_argument("--target", type=float, default=0.95, help="fraction of the exhaustive optimum to reach")
+    p.add_argument("--objectives", default="prefill_tok_s,decode_tok_s", help="comma-separated objectives")
+    p.add_argument("--target", type=float, default=0.95, help="fraction of the best score to reach")
     p.add_argument("--budget", type=int, default=None, help="trials per run at most (default: 2 x grid points)")
     p.add_argument("--study-trials", type=int, default=20,
-                   help="the study size samplers are configured for (their random start-up phase scales with it; "
-                        "default 20, a typical --n-trials)")
+                   help="the study size samplers are configured for (their start-up phase scales with it)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args(argv)
 
@@ -85,60 +98,82 @@ def main(argv: list[str] | None = None) -> int:
     src = load_source(str(args.data), args.data.parent)
     spec = parse_spec(source_spec_doc(src), f"recorded grid {args.data}")  # type: ignore[arg-type]
     space = SearchSpace.resolve(spec, source_model_info(src), source_capabilities(src))
-    optimum, best_key = exhaustive_optimum(src.lookup, space, args.objective)
-    target = args.target * optimum
-    n_configs = space.size_valid()
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    optimum = {o: exhaustive_optimum(src.lookup, space, o)[0] for o in objectives}
+    score = scores(src.lookup, objectives, optimum)
+    best_score = max(score.values())
+    goal = args.target * best_score
+    good = sorted(k for k, v in score.items() if v >= goal)
     n_grid = 1
     for d in space.dims.values():
         n_grid *= len(d.values())
-    good = sum(1 for r in src.lookup.values() if (r.get(args.objective) or 0) >= target
-               and r.get("fidelity_passed", True))
     budget = args.budget or 2 * n_grid
-    print(f"recorded grid: {len(src.lookup)} measured configurations ({n_configs} valid, {n_grid} grid points); "
-          f"optimum {args.objective} = {optimum:,.0f} ({best_key}); target {args.target:.0%} = {target:,.0f}, "
-          f"reached by {good} configuration(s); {args.seeds} seeds per sampler, budget {budget} trials, "
-          f"samplers configured for {args.study_trials}-trial studies")
+    rule_on = PruneRule.from_spec(spec.pruning)
+    rule_on = dataclasses.replace(rule_on, enabled=True)
+    rule_off = dataclasses.replace(rule_on, enabled=False)
+    full_cost = sum(c for r in src.lookup.values() for c in [float(r.get("duration_s") or 0)])
+    print(f"recorded grid {args.data.name}: {len(src.lookup)} measured configurations ({len(src.partial)} pruned "
+          f"when recorded), {n_grid} grid points; optimum " +
+          ", ".join(f"{o} {optimum[o]:,.0f}" for o in objectives) +
+          f"; best score {best_score:.3f} (min over objectives of value/optimum); target {args.target:.0%} of it, "
+          f"reached by {len(good)} configuration(s); {args.seeds} seeds, budget {budget} trials; measuring the "
+          f"whole grid took {full_cost:,.0f} s")
 
-    results = {}
+    def reached(events) -> bool:
+        return any(e.state == "COMPLETE" and e.feasible and score.get(e.key, 0.0) >= goal for e in events)
+
+    results: dict[str, dict] = {}
     for name in [s.strip() for s in args.samplers.split(",") if s.strip()]:
         if name == "cmaes" and importlib.util.find_spec("cmaes") is None:
             print(f"  {name}: skipped (pip install cmaes)")
             continue
-        t0 = time.perf_counter()
-        trials, configs, failures = [], [], 0
-        for seed in range(args.seeds):
-            trace = replay_trace_detailed(src.lookup, space, name, seed, budget, args.objective, stop_at=target,
-                                          sampler_trials=args.study_trials)
-            hit = next((i for i, (v, _) in enumerate(trace, start=1) if v is not None and v >= target), None)
-            if hit is None:
-                failures += 1
-                continue
-            trials.append(hit)
-            configs.append(sum(1 for _, new in trace[:hit] if new))
-        results[name] = {"trials": trials, "configs": configs, "failures": failures,
-                         "seconds": time.perf_counter() - t0}
+        try:
+            check_sampler(name, len(objectives))
+        except Exception as exc:  # noqa: BLE001 - e.g. cmaes with two objectives
+            print(f"  {name}: skipped ({exc})")
+            continue
+        for setting, rule in (("on", rule_on), ("off", rule_off)):
+            t0 = time.perf_counter()
+            secs, trials, pruned, failures = [], [], [], 0
+            for seed in range(args.seeds):
+                events = replay_costed(src, space, name, seed, objectives, rule, max_trials=budget,
+                                       sampler_trials=args.study_trials, stop=reached)
+                if not reached(events):
+                    failures += 1
+                    continue
+                secs.append(sum(e.cost_s for e in events))
+                trials.append(len(events))
+                pruned.append(sum(1 for e in events if e.state == "PRUNED"))
+            results[f"{name}/{setting}"] = {"sampler": name, "early_stopping": setting, "seconds": secs,
+                                            "trials": trials, "pruned": pruned, "failures": failures,
+                                            "wall_s": time.perf_counter() - t0}
+            print(f"  {name}, early stopping {setting}: {args.seeds} seeds in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
 
-    base = results.get("random")
-    header = ["sampler", "trials median", "p20", "p80", "configs median", "p20", "p80", "not reached",
-              "vs random", "wall s"]
+    base = results.get("random/off")
+    base_med = statistics.median(base["seconds"]) if base and base["seconds"] else None
+    header = ["sampler", "early stop", "seconds median", "p20", "p80", "trials median", "pruned median",
+              "not reached", "vs random"]
     rows = []
-    for name, r in results.items():
-        t, c = r["trials"], r["configs"]
-        med = statistics.median(t) if t else float("nan")
-        ratio = (statistics.median(base["trials"]) / med) if (base and base["trials"] and t) else float("nan")
-        rows.append([name,
-                     f"{med:.1f}", f"{quantile(t, .2):.1f}" if t else "-", f"{quantile(t, .8):.1f}" if t else "-",
-                     f"{statistics.median(c):.1f}" if c else "-", f"{quantile(c, .2):.1f}" if c else "-",
-                     f"{quantile(c, .8):.1f}" if c else "-",
-                     f"{r['failures']}/{args.seeds}", f"{ratio:.2f}x" if ratio == ratio else "-", f"{r['seconds']:.1f}"])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    for r in results.values():
+        s = r["seconds"]
+        med = statistics.median(s) if s else None
+        rows.append([r["sampler"], r["early_stopping"], f"{med:,.1f}" if med is not None else "-",
+                     f"{quantile(s, .2):,.1f}" if s else "-", f"{quantile(s, .8):,.1f}" if s else "-",
+                     f"{statistics.median(r['trials']):.1f}" if r["trials"] else "-",
+                     f"{statistics.median(r['pruned']):.1f}" if r["pruned"] else "-",
+                     f"{r['failures']}/{args.seeds}",
+                     f"{base_med / med:.2f}x" if (base_med and med) else "-"])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)] if rows else []
     print()
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
-    print(f"\ntrials: to reach {args.target:.0%} of the optimum (what --n-trials counts); configs: distinct "
-          f"configurations among them (what a study measures); vs random: random's median trials / this median.")
+    print(f"\nseconds: recorded measuring time until a configuration scores >= {goal:.3f}; trials: trials run by "
+          f"then (repeats of a configuration are free); vs random: random search without early stopping's "
+          f"median seconds / this median.")
     if args.json:
-        print(json.dumps({"optimum": optimum, "target": target, "budget": budget, "results": results}, indent=2))
+        print(json.dumps({"optimum": optimum, "best_score": best_score, "goal": goal, "budget": budget,
+                          "results": results}, indent=2))
     return 0
 
 

@@ -442,12 +442,19 @@ def run_benchmark(
     prompts: dict[Any, Any] | None = None,
     record_steps: bool = True,
     batch_size: int = 1,
+    on_stage: Callable[[str, Any], bool] | None = None,
 ) -> BenchReport:
     """Prefill at every length (None: the text prompt's own length), then decode `new_tokens` (0: skip).
 
     Decode starts from a prompt of `decode_context_len` tokens (default: the shortest length), with
     `batch_size` different prompts decoded together (prefill is measured at batch 1).
     `prompts` may pass ids already built (length -> ids) so repeated calls reuse the same tensors.
+
+    `on_stage(name, result)` measures in stages and may stop early: first `screen` (the first call and
+    one timed repeat at the first length: cheap, compile included), then `prefill_ctx<L>` per length (the
+    full measurement; the first length's first-call and compile time come from the screen), then
+    `decode`. It is called after each stage with that stage's result and returns False to stop: the
+    report then holds what was measured so far.
     """
     t0 = time.perf_counter()
     prompts = dict(prompts or {})
@@ -457,7 +464,25 @@ def run_benchmark(
             prompts[length] = prompt_ids(model, length, source)
         return prompts[length]
 
-    pre = [bench_prefill(model, ids_for(n), settings, model_info=model_info) for n in lengths]
+    def report(pre: list[PrefillResult], dec: DecodeResult | None) -> BenchReport:
+        return BenchReport(knobs=model.runtime.knobs() | {"compile": model.runtime.compile}, prefill=pre,
+                           decode=dec, wall_s=time.perf_counter() - t0, prompt=source.describe())
+
+    pre: list[PrefillResult] = []
+    screen: PrefillResult | None = None
+    if on_stage is not None and lengths:
+        once = BenchSettings(warmup=0, repeats=1, max_cv=1e9, max_rounds=1)
+        screen = bench_prefill(model, ids_for(lengths[0]), once, model_info=model_info)
+        if not on_stage("screen", screen):
+            return report([screen], None)
+    for i, n in enumerate(lengths):
+        result = bench_prefill(model, ids_for(n), settings, model_info=model_info)
+        if i == 0 and screen is not None:  # the screen paid the first call (and any compilation)
+            result.first_call_s = screen.first_call_s
+            result.compile_s = max(0.0, screen.first_call_s - result.seconds.median)
+        pre.append(result)
+        if on_stage is not None and not on_stage(f"prefill_ctx{result.context_len}", result):
+            return report(pre, None)
     dec = None
     if new_tokens:
         dlen = decode_context_len if decode_context_len is not None else (pre[0].context_len if pre else None)
@@ -468,8 +493,9 @@ def run_benchmark(
                 prompts[(dlen, batch_size)] = prompt_ids(model, dlen, source, batch=batch_size)
             dec_ids = prompts[(dlen, batch_size)]
         dec = bench_decode(model, dec_ids, new_tokens, settings, record_steps=record_steps)
-    return BenchReport(knobs=model.runtime.knobs() | {"compile": model.runtime.compile}, prefill=pre, decode=dec,
-                       wall_s=time.perf_counter() - t0, prompt=source.describe())
+        if on_stage is not None:
+            on_stage("decode", dec)
+    return report(pre, dec)
 
 
 # ---- reference cache --------------------------------------------------------------------------------

@@ -50,6 +50,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--out-dir", default="mlruns", metavar="DIR", help="where results go (default: mlruns)")
     g.add_argument("--replay", default=None, metavar="SOURCE",
                    help="answer trials from a recorded study (trials.jsonl, study dir or name) instead of running the model")
+    g.add_argument("--early-stopping", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop hopeless or slow trials after their first stage (default: [pruning] enabled, on)")
+    g.add_argument("--warm-start", dest="warm_start", action="append", default=None, metavar="STUDY_OR_FILE",
+                   help="seed the study with the Pareto front of an earlier study (a study name under --out-dir, "
+                        "a study directory, a trials.jsonl or a best.json; repeatable) and the shipped configs/ "
+                        "for the device")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="live progress bar (default: when stderr is a terminal)")
     s = p.add_argument_group("shared studies (several processes on one --storage, see docs/STUDY.md)")
@@ -112,6 +118,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period, rebuild_views=args.rebuild_views,
         devices=args.devices, ray_address=args.ray_address, trials_only=args.trials_only,
         config=args.config, runtime=runtime_flags(args),
+        early_stopping=args.early_stopping, warm_start=list(args.warm_start or []),
     )
 
 

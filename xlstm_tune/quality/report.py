@@ -373,6 +373,33 @@ def _best_section(best_path: str | Path | None) -> list[str]:
                     *_fence(text, "json"), ""]
 
 
+def _time_section(split: Mapping[str, Any] | None) -> list[str]:
+    """The study's time split (computed by the study, kept in run_meta.json as `time_split`)."""
+    if not split or not split.get("rows"):
+        return []
+    lines = ["## Where the time went", ""]
+    lines += _table(["part", "seconds", "share"], [[r[0], f"{float(r[1]):,.1f}", f"{float(r[2]):.1f}%"]
+                                                   for r in split["rows"]])
+    rate = split.get("trials_per_min")
+    lines += ["", f"{split.get('trials', 0)} trials ran ({split.get('complete', 0)} complete, "
+                  f"{split.get('pruned_trials', 0)} pruned, {split.get('failed_trials', 0)} failed) in "
+                  f"{float(split.get('total_s') or 0):,.1f} s" + (f": {float(rate):.2f} trials per minute." if rate else "."),
+              ""]
+    return lines
+
+
+def _origin_section(records: Sequence[Record]) -> list[str]:
+    """Trials that did not come from the sampler: the default, enqueued hints, warm starts."""
+    seeded = [r for r in records if r.get("origin")]
+    if not seeded:
+        return []
+    lines = ["## Where the first trials came from", ""]
+    rows = [[r.get("number"), r.get("origin"), r.get("state"), _fmt(r.get("prefill_tok_s")), _fmt(r.get("decode_tok_s"))]
+            for r in sorted(seeded, key=lambda r: int(r.get("number") or 0))]
+    lines += _table(["trial", "origin", "state", "prefill tok/s", "decode tok/s"], rows)
+    return lines + ["", "Every other trial was proposed by the sampler.", ""]
+
+
 # ---- entry point --------------------------------------------------------------------------------
 def write_report(
     study_dir: str | Path,
@@ -382,6 +409,7 @@ def write_report(
     default_record: Record | None = None,
     *,
     notes: Sequence[str] = (),
+    time_split: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``<study_dir>/report.md`` atomically and return its path.
 
@@ -399,6 +427,8 @@ def write_report(
         default_record: the default configuration's measurement; when None, the record flagged
             ``is_default: true`` is used; without either, a record's own ``speedup_vs_default`` is shown.
         notes: extra lines for a closing "Notes" section (e.g. why importances were skipped).
+        time_split: the study's time split (run_meta.json `time_split`: `rows` of part, seconds, share;
+            `trials`, `trials_per_min`, ...), shown as "Where the time went"; None: no such section.
 
     Never raises for missing or odd fields: a report must be writable at the end of any study.
     """
@@ -422,6 +452,8 @@ def write_report(
     lines += _top_section(recs, "decode_tok_s", default)
     lines += _top_section(recs, "prefill_tok_s", default)
     lines += _fidelity_section(recs)
+    lines += _time_section(time_split)
+    lines += _origin_section(recs)
     lines += _quality_section(recs)
     lines += _plots_section(root, plots)
     lines += _best_section(best_path)

@@ -1,6 +1,6 @@
 """What measures a trial: the isolated worker process (study.worker), or a replayed record (study.replay).
 
-Both answer `evaluate(number, knobs, fault)` with an outcome (metrics, fidelity, quality, outputs...) and
+Both answer `evaluate(number, knobs, fault, prune=..., time_limit_s=...)` with an outcome (metrics, fidelity, quality, outputs...) and
 `confirm(configs, rounds, repeats)` with the raw interleaved round.
 """
 from __future__ import annotations
@@ -21,19 +21,36 @@ class WorkerEvaluator:
     def __init__(self, setup: dict[str, Any], log_dir: Path, trial_timeout_s: float, start_timeout_s: float) -> None:
         self.worker = TrialWorker(setup, log_dir, start_timeout_s)
         self.trial_timeout_s = trial_timeout_s
+        self.load_s = 0.0  # model loads of every worker started (the time split's compile/warm-up part)
+        self._starts_seen = 0
 
     @property
     def info(self) -> dict[str, Any] | None:
         return self.worker.info
 
-    def start(self) -> dict[str, Any]:
-        return self.worker.ensure()
+    def _count_load(self) -> None:
+        if self.worker.starts != self._starts_seen and self.worker.info:
+            self._starts_seen = self.worker.starts
+            self.load_s += float(self.worker.info.get("load_s") or 0.0)
 
-    def evaluate(self, number: int, knobs: Mapping[str, Any], fault: str | None = None) -> dict[str, Any]:
-        reply = self.worker.request({"cmd": "trial", "number": number, "knobs": dict(knobs), "fault": fault},
-                                    self.trial_timeout_s, f"trial {number}")
-        reply["state"] = "COMPLETE"
-        return reply
+    def start(self) -> dict[str, Any]:
+        info = self.worker.ensure()
+        self._count_load()
+        return info
+
+    def evaluate(self, number: int, knobs: Mapping[str, Any], fault: str | None = None, *,
+                 prune: Mapping[str, Any] | None = None, time_limit_s: float | None = None,
+                 hard_timeout_s: float | None = None) -> dict[str, Any]:
+        """Measure one trial; `prune` and `time_limit_s` let the worker stop it early (study.pruning).
+        The reply's `state` is COMPLETE, or PRUNED for a trial the worker stopped."""
+        try:
+            self.worker.ensure()
+            self._count_load()
+            return self.worker.request({"cmd": "trial", "number": number, "knobs": dict(knobs), "fault": fault,
+                                        "prune": prune, "time_limit_s": time_limit_s},
+                                       hard_timeout_s or self.trial_timeout_s, f"trial {number}")
+        finally:
+            self._count_load()
 
     def confirm(self, configs: list[dict[str, Any]], rounds: int, repeats: int) -> dict[str, Any]:
         timeout = self.trial_timeout_s * max(1, 2 * len(configs)) * rounds

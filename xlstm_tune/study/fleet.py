@@ -88,7 +88,7 @@ def worker_options(run: "StudyRun", plan: WorkerPlan) -> dict[str, Any]:
     out = dataclasses.replace(
         opts, study_name=run.name, storage=storage, tracking_uri=run.tracking_uri, device=plan.device,
         out_dir=str((run.files.root / "fleet" / plan.label).resolve()), devices=None, ray_address=None,
-        trials_only=True, progress=False,
+        trials_only=True, progress=False, warm_start=[],  # the launcher enqueued the warm starts
         experiment=_absolute(opts.experiment), prompt_file=_absolute(opts.prompt_file),
         replay=_absolute(opts.replay), model=_absolute(opts.model))
     return dataclasses.asdict(out)

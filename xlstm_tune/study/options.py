@@ -33,6 +33,8 @@ class StudyOptions:
     trial_timeout: float | None = None
     objectives: list[str] | None = None
     progress: bool | None = None  # None: a live bar when stderr is a terminal, one line per trial otherwise
+    early_stopping: bool | None = None  # None: as [pruning] enabled says (study.pruning)
+    warm_start: list[str] = field(default_factory=list)  # earlier studies / files whose front seeds this one
     argv: list[str] | None = None
     devices: list[str] | None = None  # one trial worker process per entry (study.fleet)
     ray_address: str | None = None  # trial workers on a Ray cluster (study.fleet)

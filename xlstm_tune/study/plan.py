@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from xlstm_tune.errors import UserError
 from xlstm_tune.study.faults import faults_from_env
 from xlstm_tune.study.options import StudyOptions
+from xlstm_tune.study.pruning import PruneRule
 from xlstm_tune.study.space import SearchSpace, knob_key
 from xlstm_tune.study.spec import apply_device_overrides, apply_overrides, load_spec, parse_spec
 from xlstm_tune.study.storage import check_storage_url, describe_storage
@@ -43,6 +44,8 @@ class StudyPlan:
     identity: dict[str, Any]
     previous_meta: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
+    rule: PruneRule = field(default_factory=PruneRule)  # early stopping ([pruning])
+    warm_seeds: list[tuple[dict[str, Any], Any]] = field(default_factory=list)  # (params, warm_start.Seed)
 
     @property
     def storage_label(self) -> str:
@@ -126,7 +129,8 @@ def make_plan(o: StudyOptions) -> StudyPlan:
         spec, study_name=o.study_name, n_trials=o.n_trials, sampler=o.sampler, seed=o.seed, timeout=o.timeout,
         trial_timeout=o.trial_timeout, model=o.model, device=o.device, dtype=o.dtype, compile=o.compile,
         context_lens=o.context_lens, new_tokens=o.new_tokens, repeats=o.repeats, objectives=o.objectives,
-        prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, config=o.config, runtime=o.runtime)
+        prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, config=o.config, runtime=o.runtime,
+        early_stopping=o.early_stopping)
     if src is not None and o.study_name is None:
         spec.study["name"] = f"{src.study_name}-replay-{spec.study['sampler']}-s{spec.study['seed']}"
     name = check_study_name(spec.name)
@@ -135,6 +139,10 @@ def make_plan(o: StudyOptions) -> StudyPlan:
     default_key = knob_key(space.canonical(space.default_knobs()))
     enqueued = [enqueue_params(space, n, e) for n, e in enumerate(spec.study["enqueue"], 1)]
     notes += space.notes
+    from xlstm_tune.study.warm_start import plan_seeds
+
+    warm_seeds, warm_notes = plan_seeds(o.warm_start, out_dir, spec.objectives, space, caps.get("device_type", ""))
+    notes += warm_notes
     objectives, obj_notes = effective_objectives(spec.objectives, space)
     notes += obj_notes
     sampler_name = spec.study["sampler"]
@@ -161,4 +169,5 @@ def make_plan(o: StudyOptions) -> StudyPlan:
     return StudyPlan(opts=o, out_dir=out_dir, src=src, spec=spec, name=name, model_info=model_info, caps=caps,
                      space=space, default_key=default_key, enqueued=enqueued, objectives=objectives,
                      sampler_name=sampler_name, prompt=prompt, tracking_uri=tracking_uri, faults=faults_from_env(),
-                     files=files, identity=identity, previous_meta=meta, notes=notes)
+                     files=files, identity=identity, previous_meta=meta, notes=notes,
+                     rule=PruneRule.from_spec(spec.pruning), warm_seeds=warm_seeds)

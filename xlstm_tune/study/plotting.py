@@ -189,7 +189,8 @@ def make_study_plots(
     run_id = runs.tracker.parent_run_id if runs.tracker is not None else None
     if run_id is None:
         notes.append(f"MLflow: plots not logged ({runs.note})")
-    report = write_report(sf.root, records, sf.best_path, plots, default_record, notes=notes)
+    report = write_report(sf.root, records, sf.best_path, plots, default_record, notes=notes,
+                          time_split=(sf.read_run_meta() or {}).get("time_split"))
     if runs.tracker is not None:
         runs.tracker.log_parent_artifacts(plots, artifact_path="plots")
         runs.tracker.log_parent_artifacts([report])

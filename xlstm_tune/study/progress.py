@@ -35,7 +35,7 @@ class Progress:
             if rec.get("duplicate_of") is not None:
                 what += f" (same configuration as #{rec['duplicate_of']})"
         else:
-            what = f"{rec.get('failure_reason')}: {rec.get('error') or ''}"[:160]
+            what = f"{rec.get('failure_reason')}: {rec.get('error') or rec.get('prune_reason') or ''}"[:200]
         self.err.write(f"[trial {rec['number']}] {rec['state']} {what} | {completed} complete | {best}\n")
         self.err.flush()
 

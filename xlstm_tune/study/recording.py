@@ -66,7 +66,7 @@ def log_mlflow(s: StudySession, rec: dict[str, Any]) -> None:
     try:
         run_id = s.tracker.log_trial(rec["number"], params=params, metrics=metrics, tags=tags,
                                      artifacts=[a for a in artifacts if a.exists()],
-                                     status="FINISHED" if rec["state"] == "COMPLETE" else "FAILED",
+                                     status="FAILED" if rec["state"] == "FAIL" else "FINISHED",
                                      started_at=rec.get("started_at"), finished_at=rec.get("finished_at"))
         s.run_ids[rec["number"]] = run_id
         best = best_so_far(s)

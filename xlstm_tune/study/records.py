@@ -90,7 +90,7 @@ def build_record(
     if traceback:
         rec["traceback"] = traceback[-4000:]
     for k in ("flags", "stats", "outputs", "duration_s", "worker_pid", "peak_mem_mb", "duplicate_of",
-              "replayed_from", "runtime"):
+              "replayed_from", "runtime", "stage_s", "stage_figures", "phases"):
         if k in outcome and outcome[k] not in (None, [], {}):
             rec[k] = outcome[k]
     for k, v in (extra or {}).items():
@@ -166,6 +166,16 @@ def mlflow_payload(rec: Mapping[str, Any], *, device: Mapping[str, Any] | None =
         tags["duplicate_of"] = str(rec["duplicate_of"])
     if rec.get("replayed_from") is not None:
         tags["replayed_from"] = str(rec["replayed_from"])
+    for k in ("phases", "stage_s"):  # where the trial's time went (study.timesplit), per phase and stage
+        for name, v in (rec.get(k) or {}).items():
+            if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                metrics[f"{'phase' if k == 'phases' else 'stage_s'}_{name}"] = float(v)
+    if rec.get("state") == "PRUNED":
+        tags["pruned"] = "true"
+        tags["pruned_stage"] = rec.get("pruned_stage") or ""
+        tags["prune_reason"] = str(rec.get("prune_reason") or rec.get("error") or "")[:500]
+    if rec.get("origin"):
+        tags["origin"] = str(rec["origin"])[:500]
     if rec.get("flags"):
         tags["flags"] = "; ".join(rec["flags"])[:2000]
     if device:

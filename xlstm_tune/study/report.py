@@ -75,6 +75,11 @@ def _confirmation_lines(conf: Mapping[str, Any]) -> list[str]:
                           rows)
 
 
+def time_section(split_lines: Sequence[str]) -> list[str]:
+    """The study's time split (study.timesplit.render_lines), under its own heading."""
+    return ["", "Where the time went:", *split_lines] if split_lines else []
+
+
 def render(summary: Mapping[str, Any]) -> str:
     """Text for stdout. `summary` keys: study, contexts (best.json entries), default, confirmation (the
     round's summary), records, paths, notes. Knob values are the canonical ones (what ran)."""
@@ -113,6 +118,7 @@ def render(summary: Mapping[str, Any]) -> str:
         lines.append(f"No best configuration: {summary['no_best_reason']}")
     if summary.get("confirmation"):
         lines += _confirmation_lines(summary["confirmation"])
+    lines += time_section(summary.get("time_split_lines") or [])
     for note in summary.get("notes", []):
         lines.append(f"Note: {note}")
     lines.append("")

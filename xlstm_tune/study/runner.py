@@ -19,6 +19,7 @@ One call, in this order, each step in a module of its own:
 """
 from __future__ import annotations
 
+import time
 from typing import TextIO
 
 from xlstm_tune.study.confirmation import run_confirmation
@@ -67,10 +68,42 @@ def _seed_queue(s: StudySession) -> None:
             s.study.enqueue_trial(params, user_attrs={"enqueued": True})
 
 
+def _enqueue_warm_starts(s: StudySession) -> None:
+    """Enqueue the --warm-start seeds this study has not tried or queued yet (study.warm_start)."""
+    from xlstm_tune.study.space import knob_key
+
+    p = s.plan
+    if not p.warm_seeds:
+        return
+    if p.sampler_name == "grid":
+        s.notes.append("--warm-start is not used with the grid sampler: it measures every configuration")
+        return
+    with s.mutex:  # type: ignore[union-attr]
+        tried = set()
+        for t in s.study.get_trials(deepcopy=False):
+            params = t.params or t.system_attrs.get("fixed_params") or {}
+            try:
+                tried.add(knob_key(p.space.canonical(p.space.knobs_from_params(params))))
+            except Exception:  # noqa: BLE001 - a partial param set cannot match a seed
+                continue
+        added = 0
+        for params, seed in p.warm_seeds:
+            key = knob_key(p.space.canonical(p.space.knobs_from_params(params)))
+            if key in tried:
+                continue
+            tried.add(key)
+            s.study.enqueue_trial(params, user_attrs={"origin": seed.origin})
+            added += 1
+    if added:
+        s.notes.append(f"warm start: {added} configuration(s) enqueued as the first trials "
+                       f"({', '.join(sorted({seed.origin.split(' (')[0] for _, seed in p.warm_seeds}))})")
+
+
 def _run(s: StudySession) -> StudyResult:
     reconcile(s)
     write_meta(s)
     _seed_queue(s)
+    _enqueue_warm_starts(s)
     o = s.plan.opts
     if o.devices or o.ray_address:
         from xlstm_tune.study.fleet import run_fleet
@@ -87,7 +120,9 @@ def _run(s: StudySession) -> StudyResult:
         write_meta(s)
         return StudyResult(s.plan.name, s.completed(), s.sorted_records(), [], paths(s), None, s.new_trials, "")
     s.sync()
+    t_confirm = time.monotonic()
     data = run_confirmation(s)
+    s.confirm_s = time.monotonic() - t_confirm
     contexts = list(data["contexts"]) if data else []
     best_path = None
     final_files(s)

@@ -16,6 +16,7 @@ Sections (every key optional except where noted; see docs/STUDY.md and experimen
     [trial]     timeout_s, worker_start_timeout_s
     [confirm]   top_k, rounds, repeats, max_candidates, confidence, max_trade, min_rounds
     [sampler]   n_startup_trials, population_size (sampler-specific tuning)
+    [pruning]   enabled, margin, noise_k, min_trials, slow_factor, slow_min_s (early stopping, study.pruning)
     [space]     knob = [choices] or knob = {low, high, step, log}
     [fixed]     knob = value   (knobs not searched; default: the runtime's built-in defaults)
     [device.cpu|cuda|mps]  any of the sections above, merged in when the study runs on that device type
@@ -68,6 +69,10 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     "confirm": {"top_k": 2, "rounds": 3, "repeats": 1, "max_candidates": 6, "confidence": 0.95,
                 "max_trade": 0.0, "min_rounds": 3},
     "sampler": {"n_startup_trials": None, "population_size": None},
+    # Early stopping (study.pruning): a trial far behind the Pareto front after a stage stops there, and
+    # a trial past slow_factor x the median trial time is cut. `enabled = false` measures every trial fully.
+    "pruning": {"enabled": True, "margin": 2.0, "noise_k": 3.0, "min_trials": 1, "slow_factor": 4.0,
+                "slow_min_s": 30.0},
     # Every trial's continuation is scored (text metrics, perplexity under the canonical path) and judged:
     # `builtin` is an offline heuristic; `ollama` / `openai` call an LLM judge at judge_url; `none` skips it.
     "quality": {"judge": "builtin", "judge_url": None, "judge_model": None, "perplexity": True},
@@ -133,6 +138,7 @@ class ExperimentSpec:
     quality: dict[str, Any]
     space: dict[str, Dimension]
     fixed: dict[str, Any]
+    pruning: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(_SECTIONS["pruning"]))
     device_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -167,6 +173,7 @@ class ExperimentSpec:
             "confirm": copy.deepcopy(self.confirm),
             "sampler": copy.deepcopy(self.sampler),
             "quality": copy.deepcopy(self.quality),
+            "pruning": copy.deepcopy(self.pruning),
             "space": {k: d.as_spec() for k, d in self.space.items()},
             "fixed": copy.deepcopy(self.fixed),
         }
@@ -397,6 +404,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     confirm = _section(doc, "confirm", source)
     sampler = _section(doc, "sampler", source)
     quality = _section(doc, "quality", source)
+    pruning = _section(doc, "pruning", source)
 
     # [study]
     if not isinstance(study["name"], str) or not study["name"].strip():
@@ -505,6 +513,20 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     if not isinstance(quality["perplexity"], bool):
         raise _err(source, f"[quality] perplexity must be true or false, got {quality['perplexity']!r}")
 
+    # [pruning]
+    if not isinstance(pruning["enabled"], bool):
+        raise _err(source, f"[pruning] enabled must be true or false, got {pruning['enabled']!r}")
+    for key in ("margin", "slow_factor"):
+        v = _num(source, f"[pruning] {key}", pruning[key])
+        if v is not None and v < 1.0:
+            raise _err(source, f"[pruning] {key} must be >= 1 (a factor), got {v}")
+        pruning[key] = v
+    pruning["noise_k"] = _num(source, "[pruning] noise_k", pruning["noise_k"], positive=False)
+    pruning["slow_min_s"] = _num(source, "[pruning] slow_min_s", pruning["slow_min_s"], positive=False)
+    if pruning["noise_k"] < 0 or pruning["slow_min_s"] < 0:  # type: ignore[operator]
+        raise _err(source, "[pruning] noise_k and slow_min_s must be >= 0")
+    _int(source, "[pruning] min_trials", pruning["min_trials"], 1)
+
     # [space] and [fixed]
     raw_space = doc.get("space", {}) or {}
     raw_fixed = doc.get("fixed", {}) or {}
@@ -530,7 +552,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
         raise _err(source, "[space] is empty: give at least one knob with choices, e.g. chunk_size = [16, 32, 64]")
     return ExperimentSpec(source=source, study=study, model=model, workload=workload, bench=bench,
                           runtime=runtime, fidelity=fidelity, trial=trial, confirm=confirm, sampler=sampler, quality=quality,
-                          space=space, fixed=fixed)
+                          space=space, fixed=fixed, pruning=pruning)
 
 
 # ---- CLI overrides -------------------------------------------------------------------------------
@@ -593,6 +615,8 @@ def apply_overrides(spec: ExperimentSpec, **over: Any) -> ExperimentSpec:
         s.model["dtype"] = dt
     if over.get("compile") is not None:
         s.model["compile"] = bool(over["compile"])
+    if over.get("early_stopping") is not None:
+        s.pruning["enabled"] = bool(over["early_stopping"])
     if over.get("context_lens"):
         s.workload["context_lens"] = list(over["context_lens"])
         bad = [o for o in s.study["objectives"] if _CTX_OBJECTIVE.match(o)

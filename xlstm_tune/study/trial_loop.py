@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from xlstm_tune.errors import UserError
+from xlstm_tune.study import pruning
 from xlstm_tune.study.liveness import TrialHeartbeat
 from xlstm_tune.study.ownership import reap_stale, requeue
 from xlstm_tune.study.progress import Progress
@@ -46,6 +47,7 @@ class AskedTrial:
     key: str | None
     invalid: str | None
     extra: dict[str, Any] = field(default_factory=dict)
+    limits: tuple[Any, float | None, float | None] = (None, None, None)  # prune_limits() when it started
 
     @property
     def number(self) -> int:
@@ -70,6 +72,7 @@ def prepare(s: StudySession, trial: Any) -> AskedTrial:
                              "requeued_from": history[-1] if history else trial.user_attrs.get("requeued_from"),
                              "is_default": None,
                              "baseline": True if trial.user_attrs.get("baseline") else None,
+                             "origin": trial_origin(trial.user_attrs, history),
                              "owner": s.owner,
                              "started_at": now_iso(), **_ran_by()}
     invalid = p.space.check(raw)
@@ -80,6 +83,30 @@ def prepare(s: StudySession, trial: Any) -> AskedTrial:
     if key == p.default_key:
         extra["is_default"] = True  # the default configuration (quality.report reads this)
     return AskedTrial(trial, params, raw, knobs, key, None, extra)
+
+
+def trial_origin(attrs: dict[str, Any], history: list[Any]) -> str | None:
+    """Where a trial's configuration came from when not from the sampler (report.md lists these)."""
+    if attrs.get("origin"):
+        return str(attrs["origin"])  # a warm start (study.warm_start)
+    if attrs.get("baseline"):
+        return "default configuration"
+    if attrs.get("enqueued"):
+        return "[study] enqueue"
+    requeued = history[-1] if history else attrs.get("requeued_from")
+    return f"re-queued from trial {requeued}" if requeued is not None else None
+
+
+def prune_limits(s: StudySession) -> tuple[dict[str, Any] | None, float | None, float | None]:
+    """(pruning limits, soft time limit, hard time limit) for the next trial, from the study so far."""
+    p = s.plan
+    records = list(s.records.values())
+    limits = pruning.thresholds(records, p.objectives, p.rule)
+    soft = pruning.time_limit_s(records, p.rule)
+    hard = None
+    if soft is not None:  # one stage may overrun the soft limit; past twice it the worker is killed
+        hard = min(float(p.spec.trial["timeout_s"]), max(2.0 * soft, soft + 60.0))
+    return limits, soft, hard
 
 
 def outcome_from_record(rec: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +165,9 @@ def measure(s: StudySession, asked: AskedTrial) -> dict[str, Any] | None:
         outcome = _duplicate(s, asked.key)
     if outcome is not None:
         return outcome
-    return s.evaluator.evaluate(asked.number, asked.knobs, s.plan.faults.get(asked.number))
+    limits, soft, hard = asked.limits
+    return s.evaluator.evaluate(asked.number, asked.knobs, s.plan.faults.get(asked.number), prune=limits,
+                                time_limit_s=soft, hard_timeout_s=hard)
 
 
 def _record(s: StudySession, asked: AskedTrial) -> dict[str, Any]:
@@ -152,17 +181,39 @@ def _record(s: StudySession, asked: AskedTrial) -> dict[str, Any]:
                             failure_reason="invalid_combination", error=asked.invalid, extra=extra, **common)
     assert knobs is not None and key is not None
     s.progress.running(number, knobs)
+    s.sync()
+    if key not in s.by_key and key in s.pruned_by_key:  # answered from the earlier stop: costs nothing
+        src = s.pruned_by_key[key]
+        return build_record(number, state="PRUNED", knobs=knobs, key=key, failure_reason=src["failure_reason"],
+                            extra=dict(extra, duplicate_of=src["number"], pruned_stage=src.get("pruned_stage"),
+                                       prune_reason=f"same configuration as #{src['number']}: "
+                                                    f"{src.get('prune_reason')}", finished_at=now_iso()), **common)
+    asked.limits = prune_limits(s)
     t0 = time.perf_counter()
     try:
         outcome = measure(s, asked)
     except WorkerFailure as f:
+        elapsed = time.perf_counter() - t0
+        _, soft, hard = asked.limits
+        if f.reason == "timeout" and hard is not None and hard < float(p.spec.trial["timeout_s"]):
+            return build_record(number, state="PRUNED", knobs=knobs, key=key, failure_reason=pruning.SLOW_REASON,
+                                extra=dict(extra, duration_s=elapsed, finished_at=now_iso(), pruned_stage="running",
+                                           prune_reason=pruning.slow_reason(elapsed, soft)
+                                           or f"killed after {elapsed:.1f} s (the study's time limit)"), **common)
         return build_record(number, state="FAIL", knobs=knobs, key=key, failure_reason=f.reason, error=f.message,
                             error_type=f.error_type, traceback=f.detail,
-                            extra=dict(extra, duration_s=time.perf_counter() - t0, finished_at=now_iso()), **common)
+                            extra=dict(extra, duration_s=elapsed, finished_at=now_iso()), **common)
     if outcome is None:  # replay: this configuration was never measured
         return build_record(number, state="PRUNED", knobs=knobs, key=key, failure_reason="not_recorded",
                             error="not in the replayed record", extra=extra, **common)
     extra = dict(extra, finished_at=now_iso())
+    if outcome.get("state") == "PRUNED":  # stopped early by the worker (study.pruning)
+        if outcome.get("duration_s") is None:
+            outcome["duration_s"] = time.perf_counter() - t0
+        return build_record(number, state="PRUNED", knobs=knobs, key=key, outcome=outcome,
+                            failure_reason=outcome.get("failure_reason") or pruning.PRUNED_REASON,
+                            extra=dict(extra, pruned_stage=outcome.get("pruned_stage"),
+                                       prune_reason=outcome.get("prune_reason")), **common)
     judge(s, outcome)
     if outcome.get("duration_s") is None:
         outcome["duration_s"] = time.perf_counter() - t0
@@ -229,8 +280,9 @@ def run_loop(s: StudySession) -> None:
                 continue
             if rec["state"] == "COMPLETE":
                 unrunnable = 0
-            elif rec["state"] == "PRUNED":
-                unrunnable += 1
+            elif rec["state"] == "PRUNED" and (rec.get("duplicate_of") is not None or rec.get("failure_reason")
+                                               not in (pruning.PRUNED_REASON, pruning.SLOW_REASON)):
+                unrunnable += 1  # nothing was measured: an invalid, unrecorded or already pruned sample
                 if unrunnable >= MAX_UNRUNNABLE_IN_A_ROW:
                     s.notes.append(f"stopped: {unrunnable} sampled combinations in a row could not run "
                                    f"({rec.get('failure_reason')})")

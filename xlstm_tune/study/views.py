@@ -71,6 +71,19 @@ def measured_by_key(records: Mapping[int, Mapping[str, Any]]) -> dict[str, dict[
     return out
 
 
+def pruned_by_key(records: Mapping[int, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Configuration key -> the first trial early stopping stopped (the front only improves: it stays pruned)."""
+    from xlstm_tune.study.pruning import PRUNED_REASON, SLOW_REASON
+
+    out: dict[str, dict[str, Any]] = {}
+    for n in sorted(records):
+        rec = records[n]
+        if rec.get("state") == "PRUNED" and rec.get("duplicate_of") is None and rec.get("key") \
+                and rec.get("failure_reason") in (PRUNED_REASON, SLOW_REASON):
+            out.setdefault(rec["key"], dict(rec))
+    return out
+
+
 def confirmation_extras(data: Mapping[str, Any] | None, context_lens: list[int]) -> dict[int, dict[str, Any]]:
     """Trial number -> the confirmed figures and speed-ups of the configuration it measured."""
     import math

@@ -4,8 +4,9 @@ Parent side (`TrialWorker`) and worker side (`worker_main`) talk over a `multipr
 context, so the worker never inherits the parent's threads, locks or MLflow clients):
 
     worker -> {"type": "ready", "info": {...}}                   after loading the model and the reference
-    parent -> {"cmd": "trial", "number": n, "knobs": {...}, "fault": None | kind}
-    worker -> {"type": "result", ...}  or  {"type": "error", "reason": ..., "message": ..., "traceback": ...}
+    parent -> {"cmd": "trial", "number": n, "knobs": {...}, "fault": None | kind,
+               "prune": None | limits, "time_limit_s": None | s}              (study.pruning)
+    worker -> {"type": "result", "state": "COMPLETE" | "PRUNED", ...}  or  {"type": "error", "reason": ..., "message": ..., "traceback": ...}
     parent -> {"cmd": "confirm", "configs": [...], "rounds": r, "repeats": k}
     parent -> {"cmd": "stop"}
 
@@ -330,21 +331,70 @@ class _Session:
 
     # ---- commands ----------------------------------------------------------------------------
     def trial(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Measure one configuration in stages (study.pruning), stopping early when the study says so.
+
+        `msg["prune"]`: the study's pruning limits (None: measure everything); `msg["time_limit_s"]`:
+        the study's time limit for this trial, checked after each stage. A stopped trial replies with
+        `state` PRUNED, the stage it stopped after, the reason and the figures measured so far; fidelity
+        runs only for a trial that was measured to the end (only those can become best).
+        """
         from xlstm_tune.bench.harness import memory_guard, run_benchmark, write_decode_csv
+        from xlstm_tune.study import pruning
         from xlstm_tune.study.faults import inject
 
         number = int(msg["number"])
         t0 = time.perf_counter()
+        limits, time_limit = msg.get("prune"), msg.get("time_limit_s")
+        stage_s: dict[str, float] = {}
+        figures: dict[str, Any] = {}
+        stage_figures: dict[str, dict[str, float]] = {}  # what each stage measured (replay re-applies the rule)
+        stopped: dict[str, Any] = {}
+        mark = [time.perf_counter()]
+
+        def on_stage(stage: str, result: Any) -> bool:
+            now = time.perf_counter()
+            stage_s[stage] = now - mark[0]
+            mark[0] = now
+            figures.update(result.flat())
+            stage_figures[stage] = pruning.stage_figures(result.flat())
+            if stage == pruning.STAGE_DECODE:
+                return True
+            why = pruning.verdict(limits, figures)
+            reason = pruning.PRUNED_REASON
+            if why is None:
+                why, reason = pruning.slow_reason(now - t0, time_limit), pruning.SLOW_REASON
+            if why is None:
+                return True
+            stopped.update(stage=stage, reason=reason, why=why)
+            return False
+
         options = self._options(msg["knobs"])
         with memory_guard(self.device, self.watchdog_config) as wd:
             self.model.runtime = options
-            fidelity = self._fidelity()
             if msg.get("fault"):
                 ids = self.prompts[min(self.lengths)]
                 inject(msg["fault"], device=self.device, busy_work=lambda: self.model(ids))
-            report = run_benchmark(self.model, self.lengths, self.source, self.new_tokens, self.settings,
+            mark[0] = time.perf_counter()
+            report = run_benchmark(self.model, sorted(self.lengths), self.source, self.new_tokens, self.settings,
                                    decode_context_len=self.decode_len, model_info=self.model_info,
-                                   prompts=self.prompts, batch_size=self.batch_size)
+                                   prompts=self.prompts, batch_size=self.batch_size,
+                                   on_stage=on_stage)  # shortest context first
+            fidelity: dict[str, Any] = {}
+            if not stopped:
+                f0 = time.perf_counter()
+                fidelity = self._fidelity()
+                stage_s["fidelity"] = time.perf_counter() - f0
+        warm = sum(p.first_call_s for p in report.prefill) + (report.decode.first_call_s if report.decode else 0.0)
+        measure = sum(v for k, v in stage_s.items() if k != "fidelity")
+        phases = {"compile_s": warm, "measure_s": max(0.0, measure - warm), "fidelity_s": stage_s.get("fidelity", 0.0)}
+        metrics = {**report.flat(), "threads": self.runtime["threads"], "interop_threads": self.runtime["interop_threads"]}
+        common = {"number": number, "metrics": metrics, "runtime": self.runtime, "stats": {f"ctx{p.context_len}": p.stats for p in report.prefill},
+                  "flags": report.flags, "peak_mem_mb": wd.peak_used_mb, "worker_pid": os.getpid(),
+                  "stage_s": stage_s, "stage_figures": stage_figures, "phases": phases}
+        if stopped:
+            return {"type": "result", "state": "PRUNED", **common, "pruned_stage": stopped["stage"],
+                    "prune_reason": stopped["why"], "failure_reason": stopped["reason"],
+                    "duration_s": time.perf_counter() - t0}
         outputs: dict[str, str] = {}
         if report.decode is not None:
             text_path = self.outputs / f"trial_{number}.txt"
@@ -352,21 +402,8 @@ class _Session:
             csv_path = write_decode_csv(self.outputs / f"trial_{number}_decode.csv", report.decode.steps)
             outputs = {"continuation": str(text_path), "decode_csv": str(csv_path)}
         quality = self._quality(report.decode.tokens) if report.decode is not None else {}
-        return {
-            "type": "result",
-            "number": number,
-            "metrics": {**report.flat(), "threads": self.runtime["threads"],
-                        "interop_threads": self.runtime["interop_threads"]},
-            "fidelity": fidelity,
-            "runtime": self.runtime,
-            "stats": {f"ctx{p.context_len}": p.stats for p in report.prefill},
-            "flags": report.flags,
-            "outputs": outputs,
-            "quality": quality,
-            "peak_mem_mb": wd.peak_used_mb,
-            "worker_pid": os.getpid(),
-            "duration_s": time.perf_counter() - t0,
-        }
+        return {"type": "result", "state": "COMPLETE", **common, "fidelity": fidelity, "outputs": outputs,
+                "quality": quality, "duration_s": time.perf_counter() - t0}
 
     def confirm(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Interleaved re-measurement: per round D, C1, D, C2, ..., D, Ck (candidate order rotates).
@@ -379,7 +416,8 @@ class _Session:
 
         configs = msg["configs"]
         default, candidates = configs[0], configs[1:]
-        settings = BenchSettings(warmup=0, repeats=int(msg.get("repeats", 1)), max_cv=1e9, max_rounds=1)
+        # busy_retries=0: the pairing with the default measured next to it cancels the machine's load
+        settings = BenchSettings(warmup=0, repeats=int(msg.get("repeats", 1)), max_cv=1e9, max_rounds=1, busy_retries=0)
         results: dict[str, dict[str, Any]] = {
             c["key"]: {"prefill": {str(n): [] for n in self.lengths}, "decode": [], "fidelity": None, "error": None}
             for c in configs

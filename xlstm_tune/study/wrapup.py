@@ -4,6 +4,7 @@ parent run's metrics and artifacts, plots and report.md, and the summary printed
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from xlstm_tune.study.export import confirm_path
 from xlstm_tune.study.recording import best_so_far, write_views
 from xlstm_tune.study.report import render
 from xlstm_tune.study.session import StudySession, storage_record
+from xlstm_tune.study.timesplit import render_lines as time_split_lines
 
 
 def final_files(s: StudySession) -> None:
@@ -53,6 +55,18 @@ def _version(module: str) -> str | None:
         return None
 
 
+def study_time_split(s: StudySession) -> dict[str, Any]:
+    """Where the study's time went, over every invocation (study.timesplit); replay: the recorded costs."""
+    from xlstm_tune.study.timesplit import time_split
+
+    sessions = s.sessions or []
+    walls = [x.get("wall_s") for x in sessions]
+    wall = None if s.plan.src is not None or not walls or not all(isinstance(w, (int, float)) for w in walls) \
+        else sum(walls)
+    return time_split(s.sorted_records(), load_s=sum(float(x.get("load_s") or 0.0) for x in sessions),
+                      confirm_s=sum(float(x.get("confirm_s") or 0.0) for x in sessions), wall_s=wall)
+
+
 def write_meta(s: StudySession, final: bool = False) -> None:
     """run_meta.json: what was run, where it went, and the history of invocations of this study."""
     import optuna
@@ -66,6 +80,8 @@ def write_meta(s: StudySession, final: bool = False) -> None:
             "started_at": now_iso(), "pid": os.getpid(), "argv": p.opts.argv,
             "n_trials": p.n_trials, "sampler": p.sampler_name,
             "seed": p.spec.study["seed"], "timeout_s": p.spec.study["timeout_s"]}]
+    s.sessions[-1].update(wall_s=time.monotonic() - s.started, confirm_s=s.confirm_s,
+                          load_s=float(getattr(s.evaluator, "load_s", 0.0) or 0.0))
     meta = {
         "schema": "xlstm_tune.run_meta/1",
         "study_name": p.name,
@@ -95,6 +111,7 @@ def write_meta(s: StudySession, final: bool = False) -> None:
         "updated_at": now_iso(),
         "finished": final,
         "sessions": s.sessions,
+        "time_split": study_time_split(s),
     }
     p.files.write_run_meta(meta)
 
@@ -221,4 +238,5 @@ def summary_text(s: StudySession, contexts: list[dict[str, Any]], data: Mapping[
         "notes": s.notes + [n for n in (busy_note(s.records.values(), s.plan.spec.bench["max_other_cpu"]),) if n],
         "paths": paths(s),
         "hints": hints,
+        "time_split_lines": time_split_lines(study_time_split(s)),
     })

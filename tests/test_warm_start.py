@@ -1,0 +1,115 @@
+"""Warm starts: an earlier study's Pareto front (or a best.json) becomes the first trials of a new study,
+each with its origin in Optuna, trials.jsonl and report.md. The new study replays the recorded tiny CPU
+grid (benchmarks/data/tiny_cpu_grid), so no model runs and a study takes seconds."""
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+pytest.importorskip("mlflow")
+
+from xlstm_tune.cli.main import main  # noqa: E402
+from xlstm_tune.runtime.options import KNOBS  # noqa: E402
+from xlstm_tune.study.replay import load_source  # noqa: E402
+from xlstm_tune.study.runner import StudyOptions, run_study  # noqa: E402
+from xlstm_tune.runtime.config_file import load_config, shipped_config  # noqa: E402
+from xlstm_tune.study.warm_start import resolve  # noqa: E402
+from xlstm_tune.tracking.best_export import build_best, export_best  # noqa: E402
+from xlstm_tune.tracking.study_files import StudyFiles  # noqa: E402
+
+GRID = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "tiny_cpu_grid"
+OBJECTIVES = ["prefill_tok_s", "decode_tok_s"]
+
+
+def _earlier_study(out: Path) -> tuple[list[dict], list[dict]]:
+    """An earlier study under `out` with two front points (A fast prefill, B fast decode) and a dominated C."""
+    src = load_source(str(GRID), GRID.parent)
+    configs = random.Random().sample(sorted(src.lookup), 3)
+    files = StudyFiles.for_study(out, "earlier").ensure_dirs()
+    files.write_run_meta({"study_name": "earlier"})
+    figures = [(5000.0, 100.0), (1000.0, 900.0), (900.0, 90.0)]  # A, B, C (C dominated by A)
+    recs = []
+    for n, (key, (pre, dec)) in enumerate(zip(configs, figures)):
+        knobs = {k: src.lookup[key][k] for k in KNOBS}
+        rec = {"number": n, "state": "COMPLETE", "feasible": True, **knobs, "key": key,
+               "prefill_tok_s_ctx128": pre, "prefill_tok_s": pre, "decode_tok_s": dec}
+        files.append_trial(rec)
+        recs.append(rec)
+    return recs[:2], recs[2:]
+
+
+def _run(out: Path, name: str, warm: list[str], n_trials: int = 4):
+    return run_study(StudyOptions(replay=str(GRID), out_dir=str(out), study_name=name, n_trials=n_trials,
+                                  objectives=OBJECTIVES, warm_start=warm, progress=False, sampler="tpe"),
+                     out=io.StringIO(), err=io.StringIO())
+
+
+def _trials(out: Path, name: str) -> list:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    st = optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(out / "optuna.journal"))))
+    return sorted(st.trials, key=lambda t: t.number)
+
+
+def _knobs(rec: dict) -> dict:
+    return {k: rec[k] for k in KNOBS}
+
+
+def test_warm_start_enqueues_the_earlier_front_and_records_origins(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    front, dominated = _earlier_study(out)
+    res = _run(out, "warm", ["earlier"], n_trials=6)
+    trials = _trials(out, "warm")
+    assert trials[0].user_attrs.get("baseline") is True
+    recs = {r["number"]: r for r in res.records}
+    seeded = [r for r in res.records if str(r.get("origin", "")).startswith("warm start: earlier front")]
+    # both front points (unless one is the default configuration, which is measured first anyway)
+    default_key = recs[0]["key"]
+    expected = [f["key"] for f in front if f["key"] != default_key]
+    assert [r["key"] for r in seeded] == expected
+    assert [r["number"] for r in seeded] == list(range(1, 1 + len(expected)))  # right after the default
+    for r in seeded:
+        t = trials[r["number"]]
+        assert t.user_attrs["origin"] == r["origin"] and f"trial #{[f['key'] for f in front].index(r['key'])}" in r["origin"]
+    assert dominated[0]["key"] not in [r["key"] for r in seeded if r["number"] <= len(expected)]
+    report = (out / "studies" / "warm" / "report.md").read_text()
+    assert "## Where the first trials came from" in report and "warm start: earlier front" in report
+    # resuming with the same warm start enqueues nothing twice
+    again = _run(out, "warm", ["earlier"], n_trials=7)
+    origins = [r.get("origin") for r in again.records if str(r.get("origin", "")).startswith("warm start")]
+    assert len(origins) == len(expected)
+    assert recs[1]["key"] in {r["key"] for r in again.records}
+
+
+def test_warm_start_from_best_json_and_the_shipped_configs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    src = load_source(str(GRID), GRID.parent)
+    key = random.Random().choice(sorted(k for k in src.lookup if "native" in k and "chunk_size=64" not in k))
+    knobs = _knobs(src.lookup[key])
+    best = build_best([{"context_len": 128, "knobs": knobs, "metrics": {}, "fidelity": {"passed": True}}],
+                      {"device_name": "cpu", "model_id": "tiny", "model_config_hash": "x", "study_name": "other",
+                       "trial_number": 3, "mlflow_run_id": None})
+    path = export_best(tmp_path / "best.json", best)
+    res = _run(out, "fromjson", [str(path)])
+    seeded = [r for r in res.records if r.get("origin") == "warm start: other best.json (context 128)"]
+    assert len(seeded) == 1 and seeded[0]["key"] == key and seeded[0]["number"] == 1
+    # the shipped configs/cpu.toml comes after the given sources (the replayed grid is a CPU grid)
+    shipped = [r for r in res.records if r.get("origin") == "shipped configs/cpu.toml"]
+    knobs_cpu = load_config(shipped_config("cpu")).knobs
+    assert len(shipped) == 1 and shipped[0]["number"] == 2
+    assert all(shipped[0][k] == v for k, v in knobs_cpu.items() if k in ("backend", "chunk_size"))
+
+
+def test_a_missing_warm_start_source_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["study", "--replay", str(GRID), "--out-dir", str(tmp_path / "out"), "--warm-start", "no-such-study",
+               "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "--warm-start 'no-such-study'" in err, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(Exception, match="no study there"):
+        resolve(str(tmp_path / "nothing"), tmp_path)
