@@ -68,18 +68,21 @@ def copy(finished: Path, tmp_path: Path) -> Path:
 # ---- the Optuna journal -----------------------------------------------------------------------------
 def test_torn_tail_is_repaired_and_the_rerun_leaves_a_loadable_journal(copy: Path, spawn) -> None:
     journal = copy / "optuna.journal"
-    torn = journal.read_bytes()[:-40]  # a writer killed mid-append: the last record lacks its end
+    data = journal.read_bytes()
+    last = data.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    torn = data + last[: len(last) // 2]  # a writer killed mid-append: its record lacks its end
     journal.write_bytes(torn)
-    proc = spawn.cli("study", *SMALL, cwd=copy.parent, env=_env())
+    more = [*SMALL, "--n-trials", "4"]  # one more trial: the rerun appends to the repaired file
+    proc = spawn.cli("study", *more, cwd=copy.parent, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = [line for line in proc.stderr.splitlines() if "repaired the Optuna journal" in line]
     assert len(said) == 1 and "dropped a partial last record (" in said[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert (copy / "optuna.journal.bak").read_bytes() == torn  # the original kept, byte for byte
     study = _load(journal)  # the rerun's appends did not land on a partial line
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    assert journal.read_bytes().endswith(b"\n")
-    again = spawn.cli("study", *SMALL, cwd=copy.parent, env=_env())  # and it keeps loading from then on
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert journal.read_bytes().startswith(data) and journal.read_bytes().endswith(b"\n")
+    again = spawn.cli("study", *more, cwd=copy.parent, env=_env())  # and it keeps loading from then on
     assert again.returncode == 0 and "repaired" not in again.stderr, again.stderr[-2000:]
 
 
