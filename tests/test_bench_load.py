@@ -76,10 +76,13 @@ def test_busy_is_re_measured_then_flagged(burner: int) -> None:
 
     # Whatever the contention, the burner alone takes >= 0.1 s per attempt: far above 0.1% of our CPUs
     # unless an attempt lasts for minutes.
-    result, sample, attempts = measure_unloaded(run, max_other_cpu=0.001, retries=2)
+    result, sample, attempts = measure_unloaded(run, max_other_cpu=0.001, retries=2, persistent_load_per_cpu=None)
     assert result == "figure" and sample.busy and attempts == 3 and len(calls) == 3  # bounded: 1 + retries
     result, sample, attempts = measure_unloaded(run, max_other_cpu=1e9, retries=2)
     assert not sample.busy and attempts == 1 and len(calls) == 4
+    # an overload the load average says will outlast a retry: flagged at once
+    result, sample, attempts = measure_unloaded(run, max_other_cpu=0.001, retries=2, persistent_load_per_cpu=0.0)
+    assert sample.busy and attempts == 1 and len(calls) == 5
 
 
 def test_harness_flags_a_figure_taken_under_load(burner: int) -> None:

@@ -20,6 +20,7 @@ import pytest
 
 from xlstm_tune.bench.workload import describe_model
 from xlstm_tune.runtime.device import device_name
+from xlstm_tune.runtime.ray_scheduler import MAX_TEMP_ROOT_CHARS
 from xlstm_tune.tracking.best_export import build_best, export_best
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -133,7 +134,7 @@ def _adopting_orphans():
 def decoy_ray_cluster():
     """Another Ray cluster on this machine (`ray start --head`, loopback, its own temp folder), as a user
     of this machine may run one: the ray backend must neither join it nor hang on it."""
-    folder = tempfile.mkdtemp(prefix="decoy-ray-")  # short: Ray's socket paths must fit 107 bytes
+    folder = tempfile.mkdtemp(prefix="decoy-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -192,7 +193,8 @@ def test_ray_that_cannot_start_is_a_clear_error(tmp_path, decoy_ray_cluster):
 @pytest.fixture
 def short_tmp():
     """A temp folder with a short path (Ray's socket paths under it must fit 107 bytes)."""
-    folder = Path(tempfile.mkdtemp(prefix="xr-"))
+    folder = Path(tempfile.mkdtemp(prefix="xrt-", dir="/tmp"))
+    assert len(str(folder)) <= MAX_TEMP_ROOT_CHARS  # so the private runtime's folder goes in here
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -11,7 +11,9 @@ with one). So every measurement is bracketed by a `LoadProbe`, which records:
 * `loadavg_1m` and, on CUDA, the GPU's utilisation, clocks, temperature and power where NVML can be read.
 
 `busy` is `other_cpu_frac > max_other_cpu`. The harness re-measures a busy figure (a bounded number of
-times) and flags it `busy_machine` when the load persists; the study summary warns about such figures.
+times) and flags it `busy_machine` when the load persists; under an overload that a re-measurement cannot
+outwait (load average above PERSISTENT_LOAD_PER_CPU per CPU) it flags at once. The study summary warns
+about flagged figures.
 CPU counters tick at 10 ms on Linux, so a measurement much shorter than that reads as idle.
 """
 from __future__ import annotations
@@ -25,6 +27,9 @@ from typing import Any
 import psutil
 
 DEFAULT_MAX_OTHER_CPU = 0.25  # other processes may use up to a quarter of our CPUs before a figure is "busy"
+# A 1-minute load average above this many runnable tasks per CPU is an overload that outlasts any
+# re-measurement: the figure is flagged at once instead of being measured again for nothing.
+PERSISTENT_LOAD_PER_CPU = 2.0
 
 
 def _affinity() -> list[int]:
@@ -122,8 +127,10 @@ class LoadProbe:
 
 
 def measure_unloaded(run: Callable[[], Any], *, device: Any = None, max_other_cpu: float = DEFAULT_MAX_OTHER_CPU,
-                     retries: int = 1) -> tuple[Any, LoadSample, int]:
-    """`run()` under a LoadProbe, again (up to `retries` more times) while the machine was busy.
+                     retries: int = 1, persistent_load_per_cpu: float | None = PERSISTENT_LOAD_PER_CPU,
+                     ) -> tuple[Any, LoadSample, int]:
+    """`run()` under a LoadProbe, again (up to `retries` more times) while the machine was busy, unless
+    the load average says the overload persists (`persistent_load_per_cpu`; None: always retry).
 
     Returns (the last result, its load sample, how many attempts were made). The caller flags the
     result `busy_machine` when the sample is still busy.
@@ -134,5 +141,9 @@ def measure_unloaded(run: Callable[[], Any], *, device: Any = None, max_other_cp
         with LoadProbe(device, max_other_cpu) as probe:
             result = run()
         assert probe.sample is not None
-        if not probe.sample.busy or attempts > retries:
-            return result, probe.sample, attempts
+        sample = probe.sample
+        # the load average counts the whole machine's runnable tasks: compare with all its CPUs
+        persistent = (persistent_load_per_cpu is not None and sample.loadavg_1m is not None
+                      and sample.loadavg_1m > persistent_load_per_cpu * (psutil.cpu_count() or sample.cpus))
+        if not sample.busy or attempts > retries or persistent:
+            return result, sample, attempts

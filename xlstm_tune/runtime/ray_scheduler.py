@@ -87,11 +87,15 @@ def _single_machine_mode() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # ... and this, in case it was imported already
 
 
+# Ray puts sockets at <root>/xlstm-ray-XXXXXXXX/session_<date>_<time>_<pid>/sockets/plasma_store, ~85 bytes
+# below the root, and a socket path must fit 107 bytes.
+MAX_TEMP_ROOT_CHARS = 20
+
+
 def _short_temp_root() -> str:
-    """The temp folder, unless its path is too long for the sockets Ray puts under it (107 bytes with
-    ~70 of Ray's own): then /tmp."""
+    """The temp folder, unless its path is too long for the sockets Ray puts under it: then /tmp."""
     root = tempfile.gettempdir()
-    return root if len(root) <= 30 or not os.path.isdir("/tmp") else "/tmp"
+    return root if len(root) <= MAX_TEMP_ROOT_CHARS or not os.path.isdir("/tmp") else "/tmp"
 
 
 def shutdown_private_runtime() -> None:
@@ -139,7 +143,7 @@ class _InitTimeout(Exception):
 
 
 def _init(ray: Any, where: str, **kwargs: Any) -> None:
-    """ray.init under a time limit (Ray has none of its own when a cluster does not answer).
+    """ray.init of the private runtime under a time limit (Ray has none of its own for a hung start).
 
     The call stays in the calling thread: Ray ties the processes it starts to the thread that started
     them (they die with it). In the main thread the limit is a SIGALRM timer; elsewhere, where signals
@@ -188,39 +192,43 @@ def _wants_token(exc: BaseException) -> bool:
 
 
 def join_cluster(address: str, fix: str, timeout: float) -> Any:
-    """Join a running Ray cluster as a driver within `timeout` s; a one-line UserError ending in `fix`.
-
-    The connection is made in a helper thread and waited for with a deadline: while Ray retries an
-    address that does not answer it sits in native code, where a SIGALRM handler does not run. A driver
-    starts no processes of its own, so the thread does not matter to what Ray starts.
-    """
+    """Join a running Ray cluster as a driver within `timeout` s; a one-line UserError ending in `fix`."""
     with _LOCK:
         try:
             import ray
         except ImportError:
             raise UserError("Ray is not installed: pip install 'ray>=2.60'") from None
-        if ray.is_initialized():
-            return ray
-        done = threading.Event()
-        failure: list[BaseException] = []
-
-        def connect() -> None:
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                failure.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=connect, name="ray-connect", daemon=True).start()
-        if not done.wait(timeout):
-            raise UserError(f"Ray could not join the cluster at {address} within {timeout:g} s; {fix}")
-        if failure:
-            _quiet_shutdown(ray)
-            if _wants_token(failure[0]):
-                raise UserError(f"Ray could not join the cluster at {address}: {_TOKEN_FIX}") from None
-            raise UserError(f"Ray could not join the cluster at {address}: {_one_line(failure[0])}; {fix}") from None
+        if not ray.is_initialized():
+            _join(ray, address, fix, timeout)
         return ray
+
+
+def _join(ray: Any, address: str, fix: str, timeout: float) -> None:
+    """ray.init as a driver of the cluster at `address`, waited for with a deadline.
+
+    The connection is made in a helper thread: while Ray retries an address that does not answer it sits
+    in native code, where a SIGALRM handler does not run. A driver starts no processes of its own, so
+    the thread does not matter to what Ray starts (unlike `_init` of a private runtime).
+    """
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, name="ray-connect", daemon=True).start()
+    if not done.wait(timeout):
+        raise UserError(f"Ray could not join the cluster at {address} within {timeout:g} s; {fix}")
+    if failure:
+        _quiet_shutdown(ray)
+        if _wants_token(failure[0]):
+            raise UserError(f"Ray could not join the cluster at {address}: {_TOKEN_FIX}") from None
+        raise UserError(f"Ray could not join the cluster at {address}: {_one_line(failure[0])}; {fix}") from None
 
 
 def _quiet_shutdown(ray: Any) -> None:
@@ -243,7 +251,7 @@ def ensure_ray() -> Any:
         if ray.is_initialized():
             return ray
         if not _flag("XLSTM_RAY_LOCAL_MODE", True):
-            _init(ray, "the running cluster (XLSTM_RAY_LOCAL_MODE=0)", address=_cluster_address())
+            _join(ray, _cluster_address(), f"check `ray status`, or {_FIX}", _init_timeout())
             return ray
         autoshutdown = _flag("XLSTM_RAY_AUTOSHUTDOWN", True)
         _single_machine_mode()

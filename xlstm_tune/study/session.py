@@ -212,13 +212,27 @@ def _open_study(s: StudySession) -> None:
     p.files.ensure_dirs()
     if s.study.user_attrs.get(STUDY_UID_ATTR) is None:
         s.study.set_user_attr(STUDY_UID_ATTR, uuid.uuid4().hex)
-        s.study.set_user_attr(STUDY_IDENTITY_ATTR, p.identity)
+        s.study.set_user_attr(STUDY_IDENTITY_ATTR, join_identity(p))
     if s.study.metric_names != p.objectives:
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             s.study.set_metric_names(list(p.objectives))  # the dashboard and plots name the axes
+
+
+def join_identity(p: StudyPlan) -> dict[str, Any]:
+    """What every process of one study must measure alike: the measurement identity, with the device
+    reduced to its type (the workers of one study run on cuda:0, cuda:1, ... of many hosts)."""
+    import copy
+
+    ident = copy.deepcopy(p.identity)
+    ident.pop("device", None)
+    model = ident.get("spec", {}).get("model")
+    if isinstance(model, dict):
+        model.pop("device", None)
+    ident["device_type"] = p.caps.get("device_type")
+    return ident
 
 
 def _check_joined(s: StudySession, n_objectives: int) -> None:
@@ -228,8 +242,8 @@ def _check_joined(s: StudySession, n_objectives: int) -> None:
         raise UserError(f"study {p.name!r} in {p.storage_label} has {len(s.study.directions)} objective(s), "
                         f"this run has {n_objectives} ({p.objectives}): use a new --study-name")
     ident = s.study.user_attrs.get(STUDY_IDENTITY_ATTR)
-    if ident is not None and ident != p.identity:
-        diff = first_difference(ident, p.identity)
+    if ident is not None and ident != join_identity(p):
+        diff = first_difference(ident, join_identity(p))
         raise UserError(f"study {p.name!r} in {p.storage_label} was run with different settings ({diff}): use the "
                         f"same settings to join it, or pass a new --study-name")
 

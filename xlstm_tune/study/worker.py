@@ -416,7 +416,8 @@ class _Session:
 
         configs = msg["configs"]
         default, candidates = configs[0], configs[1:]
-        settings = BenchSettings(warmup=0, repeats=int(msg.get("repeats", 1)), max_cv=1e9, max_rounds=1)
+        # busy_retries=0: the pairing with the default measured next to it cancels the machine's load
+        settings = BenchSettings(warmup=0, repeats=int(msg.get("repeats", 1)), max_cv=1e9, max_rounds=1, busy_retries=0)
         results: dict[str, dict[str, Any]] = {
             c["key"]: {"prefill": {str(n): [] for n in self.lengths}, "decode": [], "fidelity": None, "error": None}
             for c in configs
