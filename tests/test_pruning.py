@@ -280,7 +280,7 @@ def test_kill_during_an_early_stopped_trial_then_resume(tmp_path: Path) -> None:
     (requeued,) = [r for r in recs.values() if r.get("requeued_from") == 2]
     assert requeued["params"] == recs[2]["params"]
     _check_pruned_everywhere(trials, recs, runs, requeued["number"])
-    assert requeued["origin"] == "re-queued from trial 2"
+    assert requeued["origin"] == "re-queued from trial 2 ([study] enqueue)"
 
 
 def test_costed_replay_charges_pruned_trials_less_on_the_same_proposals() -> None:

@@ -87,14 +87,17 @@ def prepare(s: StudySession, trial: Any) -> AskedTrial:
 
 def trial_origin(attrs: dict[str, Any], history: list[Any]) -> str | None:
     """Where a trial's configuration came from when not from the sampler (report.md lists these)."""
+    base = None
     if attrs.get("origin"):
-        return str(attrs["origin"])  # a warm start (study.warm_start)
-    if attrs.get("baseline"):
-        return "default configuration"
-    if attrs.get("enqueued"):
-        return "[study] enqueue"
+        base = str(attrs["origin"])  # a warm start (study.warm_start)
+    elif attrs.get("baseline"):
+        base = "default configuration"
+    elif attrs.get("enqueued"):
+        base = "[study] enqueue"
     requeued = history[-1] if history else attrs.get("requeued_from")
-    return f"re-queued from trial {requeued}" if requeued is not None else None
+    if requeued is not None:  # a retry carries its first trial's attributes: say both
+        return f"re-queued from trial {requeued}" + (f" ({base})" if base else "")
+    return base
 
 
 def prune_limits(s: StudySession) -> tuple[dict[str, Any] | None, float | None, float | None]:
