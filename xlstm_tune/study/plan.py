@@ -141,7 +141,8 @@ def make_plan(o: StudyOptions) -> StudyPlan:
     notes += space.notes
     from xlstm_tune.study.warm_start import plan_seeds
 
-    warm_seeds, warm_notes = plan_seeds(o.warm_start, out_dir, spec.objectives, space, caps.get("device_type", ""))
+    warm_seeds, warm_notes = plan_seeds(o.warm_start, out_dir, spec.objectives, space, caps.get("device_type", ""),
+                                        shipped=spec.study["shipped_config"])
     notes += warm_notes
     objectives, obj_notes = effective_objectives(spec.objectives, space)
     notes += obj_notes

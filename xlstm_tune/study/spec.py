@@ -51,7 +51,9 @@ _SECTIONS: dict[str, dict[str, Any]] = {
               "objectives": ["prefill_tok_s", "decode_tok_s"],
               # configurations to measure first (after the default), e.g. a known-good one on this device:
               # the sampler learns from them instead of spending its start-up trials on random draws
-              "enqueue": []},
+              "enqueue": [],
+              # the shipped configs/<device type>.toml knobs are measured early too (study.warm_start)
+              "shipped_config": True},
     "model": {"name": "tiny", "device": "auto", "dtype": "float32", "compile": True, "seed": 0},
     "workload": {"context_lens": [512, 2048], "new_tokens": 32, "decode_context_len": None, "prompt": None,
                  "prompt_file": None, "prompt_seed": 0,
@@ -421,6 +423,8 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
         raise _err(source, "[study] objectives must be a non-empty list such as [\"prefill_tok_s\", \"decode_tok_s\"]")
     study["objectives"] = [str(o) for o in objectives]
     study["enqueue"] = _enqueue_entries(source, study["enqueue"])
+    if not isinstance(study["shipped_config"], bool):
+        raise _err(source, "[study] shipped_config must be true or false")
 
     # [model]
     if not isinstance(model["name"], str) or not model["name"].strip():

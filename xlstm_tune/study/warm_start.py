@@ -6,7 +6,8 @@ Each `--warm-start SOURCE` (repeatable) is an earlier study's name under `--out-
 a trials.jsonl, or a best.json. From a study, its Pareto front (feasible measured trials that no other
 dominates on this study's objectives, study.pruning.front) is taken; from a best.json, the knobs of each
 context entry. The shipped configuration for the device (`configs/<cpu|cuda|mps>.toml`,
-`runtime.config_file.shipped_config`) is added too. Every seed is checked against this study's space (a configuration the
+`runtime.config_file.shipped_config`) is added too, also without any --warm-start (`[study] shipped_config
+= false` turns that off). Every seed is checked against this study's space (a configuration the
 space cannot express is skipped, with a note) and de-duplicated by canonical configuration; the study
 enqueues them after the default (`Study.enqueue_trial`, user attr `origin`), so the sampler learns from
 them as its first trials, and the report lists where each came from.
@@ -107,7 +108,7 @@ def plan_seeds(sources: Sequence[str], out_dir: str | Path, objectives: Sequence
     for source in sources:
         raw += seeds_from_file(resolve(source, out_dir), objectives)
     notes: list[str] = []
-    if shipped and sources:
+    if shipped:
         seed, why = shipped_seed(device_type)
         if seed is not None:
             raw.append(seed)
