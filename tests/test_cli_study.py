@@ -288,7 +288,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path: Path) -> None:
 def test_injected_failures_are_classified_and_survived(tmp_path: Path) -> None:
     faults = "1:crash,2:compile_error,3:memory_abort,4:timeout,5:oom"
     proc = cli(tmp_path, "study", "--out-dir", "out", "--study-name", "faults", "--n-trials", "3", "--sampler",
-               "random", *SMALL[:-3], "--trial-timeout", "10", "--no-progress",
+               "random", *SMALL[:6], "--trial-timeout", "10", "--no-progress", "--no-early-stopping",
                env=_env(XLSTM_TUNE_INJECT_FAULT=faults))
     assert proc.returncode == 0, proc.stderr[-3000:]
     finished_trials, lines = check_consistent(tmp_path / "out", "faults")

@@ -82,7 +82,8 @@ def pg_url() -> Iterator[str]:
 def _start(cwd: Path, i: int, storage: str | None, tracking: str | None, out_dir: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "xlstm_tune", "study", "--experiment", str(cwd / "shared.toml"),
             "--out-dir", out_dir, "--trial-timeout", "120", "--no-progress",
-            "--heartbeat-interval", "1", "--grace-period", "5"]
+            "--heartbeat-interval", "1", "--grace-period", "5",
+            "--no-early-stopping"]  # every trial measured to the end: the test counts COMPLETE trials
     if storage:
         args += ["--storage", storage]
     if tracking:

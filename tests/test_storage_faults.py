@@ -22,7 +22,8 @@ pytest.importorskip("mlflow")
 from xlstm_tune.study.journal_check import check_journal, trials_per_study  # noqa: E402
 
 pytestmark = pytest.mark.slow
-SMALL = ["--n-trials", "3", "--prefill-len", "32,64", "--new-tokens", "8", "--repeats", "2", "--no-progress"]
+SMALL = ["--n-trials", "3", "--prefill-len", "32,64", "--new-tokens", "8", "--repeats", "2", "--no-progress",
+         "--no-early-stopping"]  # these tests count COMPLETE trials; early stopping has tests/test_pruning.py
 PROGRESS = ("[trial ", "Confirmation round")
 
 
