@@ -9,7 +9,7 @@ from xlstm_tune.kernels.mlstm import mlstm_chunkwise, mlstm_sequence, mlstm_step
 from xlstm_tune.kernels.reference import mlstm_quadratic_fp64
 from xlstm_tune.kernels.slstm import slstm_sequence, slstm_step, slstm_zero_state
 
-TOL = 1e-4  # DESIGN.md §3: float32 paths match within 1e-4 relative
+TOL = 1e-4  # docs/DESIGN.md §3: float32 paths match within 1e-4 relative
 
 
 def _inputs(B, H, S, K, V, with_state=True):

@@ -1,4 +1,4 @@
-"""Prefill and decode throughput of one LanguageModel configuration (DESIGN.md §5).
+"""Prefill and decode throughput of one LanguageModel configuration (docs/DESIGN.md §5).
 
     settings = BenchSettings(warmup=1, repeats=5)
     pre = bench_prefill(model, ids, settings)            # tok/s median, p20/p80, CV; compile time apart

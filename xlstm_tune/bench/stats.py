@@ -1,4 +1,4 @@
-"""Summary statistics for repeated measurements (DESIGN.md §5).
+"""Summary statistics for repeated measurements (docs/DESIGN.md §5).
 
 We report the median with p20/p80 and the coefficient of variation, like llama-bench reports a mean with
 ± stddev: one number people can compare and a spread that says whether to trust it. Pure Python, so this

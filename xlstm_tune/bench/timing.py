@@ -1,4 +1,4 @@
-"""Wall-clock measurement with device synchronisation (DESIGN.md §5).
+"""Wall-clock measurement with device synchronisation (docs/DESIGN.md §5).
 
 Accelerators run asynchronously: reading a clock while kernels are still queued measures the launch, not
 the work (one of the seed system's defects). So every clock read here is preceded by `sync()`, the

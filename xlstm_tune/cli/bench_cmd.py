@@ -4,7 +4,7 @@
 
 Knobs and settings: flags > --best best.json > XLSTM_* environment > --config file > built-in defaults
 (a best.json measured on another model or device is refused unless --allow-mismatch). Prompts: --prompt,
---prompt-file, or synthetic ids of every --prefill-len (default 512). Figures follow DESIGN.md §5: device
+--prompt-file, or synthetic ids of every --prefill-len (default 512). Figures follow docs/DESIGN.md §5: device
 sync before every clock read, the first (compiling) call timed apart, warm-up, repeats, median with
 p20/p80 and CV, re-measured while the CV is above --max-cv. Rows are named like llama-bench's:
 `pp<N>` prefill of N tokens, `tg<N>` decode of N tokens (`tg<N> xB` for B sequences decoded together,

@@ -1,4 +1,4 @@
-"""Flags shared by the subcommands (DESIGN.md §4 "Command line"), defined once.
+"""Flags shared by the subcommands (docs/DESIGN.md §4 "Command line"), defined once.
 
     add_model_flags(p)                          --model --device --dtype
     add_prompt_flags(p)                         --prompt --prompt-file --prefill-len --new-tokens --repeats

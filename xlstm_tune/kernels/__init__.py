@@ -1,1 +1,1 @@
-"""kernels layer (see DESIGN.md §2)."""
+"""kernels layer (see docs/DESIGN.md §2)."""

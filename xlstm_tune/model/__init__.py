@@ -1,1 +1,1 @@
-"""model layer (see DESIGN.md §2)."""
+"""model layer (see docs/DESIGN.md §2)."""

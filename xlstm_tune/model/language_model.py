@@ -1,4 +1,4 @@
-"""LanguageModel: weights + tokenizer + the runtime that executes them (DESIGN.md §4 Python API).
+"""LanguageModel: weights + tokenizer + the runtime that executes them (docs/DESIGN.md §4 Python API).
 
     logits, state = model(input_ids)              # prefill through the configured backend
     logits, state = model(next_ids, state)        # one token: the decode mode's step

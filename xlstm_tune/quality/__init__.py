@@ -1,1 +1,1 @@
-"""quality layer (see DESIGN.md §2)."""
+"""quality layer (see docs/DESIGN.md §2)."""

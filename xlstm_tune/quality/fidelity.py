@@ -1,6 +1,6 @@
 """Fidelity of a tuned configuration's logits against the canonical reference path.
 
-A speed knob must never change the model's answers (DESIGN.md §3). These metrics quantify "the same
+A speed knob must never change the model's answers (docs/DESIGN.md §3). These metrics quantify "the same
 answers" from several angles: the project's tolerance metric (relative L2 error of the logits), the
 worst single position, the divergence of the next-token distributions, and whether greedy decoding
 would pick the same tokens. Everything is computed in float64 so that the check itself adds no error.

@@ -1,1 +1,1 @@
-"""runtime layer (see DESIGN.md §2)."""
+"""runtime layer (see docs/DESIGN.md §2)."""

@@ -1,4 +1,4 @@
-"""best.json: the versioned file a study exports and production loads (DESIGN.md §4).
+"""best.json: the versioned file a study exports and production loads (docs/DESIGN.md §4).
 
 It lives in runtime/ because `RuntimeOptions.from_best` reads it and runtime must not import upward;
 tracking/ writes it through `write_best`. Reading never executes code: plain JSON, checked field by field.

@@ -1,6 +1,6 @@
 """CellRuntime: runs mLSTM / sLSTM cells for prefill through the configured scheduler × tile kernel.
 
-backend  -> scheduler × tile (DESIGN.md §2)
+backend  -> scheduler × tile (docs/DESIGN.md §2)
 native   -> inline × chunkwise-parallel over all heads   (chunkwise--native_compiled_autograd)
 queued   -> thread pool × step tile per head band        (chunkwise--queued_compiled_steps)
 ray      -> Ray actors × step tile per head band         (chunkwise--ray_compiled_steps)

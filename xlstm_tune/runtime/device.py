@@ -1,4 +1,4 @@
-"""The device layer: the ONLY place in the project that branches on device type (DESIGN.md §2).
+"""The device layer: the ONLY place in the project that branches on device type (docs/DESIGN.md §2).
 
 Everything above (schedulers, bench/, model/) asks this module instead of testing `device.type`, so adding
 or fixing a device means editing one file. Devices are `cpu`, `cuda[:N]` and `mps`.
@@ -6,7 +6,7 @@ or fixing a device means editing one file. Devices are `cpu`, `cuda[:N]` and `mp
 Rules this module keeps:
 - never fall back silently: a device (or device feature) that is not here raises `DeviceUnavailableError`
   whose one-line message names the problem and the fix;
-- clocks are read only after the device is synchronised (`now_synced`, DESIGN.md §5);
+- clocks are read only after the device is synchronised (`now_synced`, docs/DESIGN.md §5);
 - availability probes are cheap (no compile, no graph capture) so the study can call them per trial.
 
 Memory figures are in MB = 2**20 bytes.

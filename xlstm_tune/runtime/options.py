@@ -1,6 +1,6 @@
 """RuntimeOptions: the knobs of the inference runtime, validated on construction.
 
-Precedence when several sources give a knob (DESIGN.md §4):
+Precedence when several sources give a knob (docs/DESIGN.md §4):
 CLI flag > best.json (when asked for) > environment > config file > built-in default.
 `merge` implements that layering; `from_env` and `from_best` read one source each.
 """
@@ -195,7 +195,7 @@ class RuntimeOptions:
 
     @classmethod
     def from_best(cls, path: str | Path, context_len: int | None = None, base: "RuntimeOptions | None" = None) -> "RuntimeOptions":
-        """Options from a validated best.json (DESIGN.md §4), for the nearest measured context length.
+        """Options from a validated best.json (docs/DESIGN.md §4), for the nearest measured context length.
 
         The knobs and the file's `compile` setting; the process-wide settings it records (dtype, threads,
         CUDA switches) are `runtime.settings.RuntimeSettings`, applied by `resolve_runtime(...)`.

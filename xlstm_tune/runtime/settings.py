@@ -4,7 +4,7 @@ The knobs (`RuntimeOptions`) say how the model schedules its work; these say how
 is set up: the weight dtype, torch's intra-op and inter-op thread counts, and the CUDA kernel switches
 (TF32 cell products, fused batch-1 decode kernels, Triton GEMV). A measurement is only reproducible when
 all of them are the same, so the study records them, best.json carries them and `run`, `bench` and
-`RuntimeOptions.from_best` apply them (DESIGN.md §6a "best.json is what was measured").
+`RuntimeOptions.from_best` apply them (docs/DESIGN.md §6a "best.json is what was measured").
 
 Sources layer like the knobs (CLI flag > best.json > environment > config file > built-in default);
 `resolve_runtime` layers both together. `None` for a thread count means "the device's default"

@@ -1,6 +1,6 @@
 """Memory watchdog: a background thread that watches device memory while inference runs.
 
-Compatible with the seed system (DESIGN.md §4): configured by `XLSTM_MEM_*` variables or the CLI's `--mem-*`
+Compatible with the seed system (docs/DESIGN.md §4): configured by `XLSTM_MEM_*` variables or the CLI's `--mem-*`
 flags. A soft threshold runs cheap relief actions (`warn`, `empty_cache`) once per crossing; a hard
 threshold aborts the running work with `MemoryAbort` before unified/device memory is exhausted (on Apple
 Silicon exhaustion freezes the whole machine, not just the process).

@@ -1,1 +1,1 @@
-"""study layer (see DESIGN.md §2)."""
+"""study layer (see docs/DESIGN.md §2)."""

@@ -42,7 +42,7 @@ SAMPLER_ALIASES = {"nsga2": "ga", "nsgaii": "ga", "nsga-ii": "ga", "bruteforce":
 OBJECTIVE_BASES = ("prefill_tok_s", "decode_tok_s")
 _CTX_OBJECTIVE = re.compile(r"^prefill_tok_s_ctx(\d+)$")
 DEVICE_TYPES = ("cpu", "cuda", "mps")
-# Fidelity tolerance by weight dtype (rel_err of the logits): float32 per DESIGN.md §3; the half
+# Fidelity tolerance by weight dtype (rel_err of the logits): float32 per docs/DESIGN.md §3; the half
 # types round every activation, so their bound is set by bf16/fp16 epsilon times the model depth.
 DEFAULT_REL_TOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 

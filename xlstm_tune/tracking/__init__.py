@@ -1,1 +1,1 @@
-"""tracking layer (see DESIGN.md §2)."""
+"""tracking layer (see docs/DESIGN.md §2)."""

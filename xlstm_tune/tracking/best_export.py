@@ -1,4 +1,4 @@
-"""Build and export best.json, the file production loads (DESIGN.md §4 "best.json").
+"""Build and export best.json, the file production loads (docs/DESIGN.md §4 "best.json").
 
 The schema, validation and atomic write live in `runtime.best_file` (runtime reads the file and must not
 import upward); this module only assembles the content from a study's results.

@@ -1,4 +1,4 @@
-"""MLflow logging: one parent run per study, one child run per trial (DESIGN.md §1, §4).
+"""MLflow logging: one parent run per study, one child run per trial (docs/DESIGN.md §1, §4).
 
 Plain `mlflow.MlflowClient` calls with explicit run ids, not the fluent API (global "active run" state)
 and not Optuna's deprecated `MLflowCallback`: trials run in worker processes, studies resume after a
@@ -64,7 +64,7 @@ _MAX_METRICS_PER_BATCH = 1000
 
 # ---- where the store is --------------------------------------------------------------------------
 def default_tracking_uri(out_dir: str | Path) -> str:
-    """`sqlite:///<absolute out_dir>/mlflow.db`: the embedded default store (DESIGN.md §4)."""
+    """`sqlite:///<absolute out_dir>/mlflow.db`: the embedded default store (docs/DESIGN.md §4)."""
     return f"sqlite:///{(Path(out_dir).resolve() / 'mlflow.db').as_posix()}"
 
 

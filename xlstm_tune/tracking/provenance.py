@@ -1,6 +1,6 @@
 """Provenance: where a result came from (code commit, config hash, time, host software).
 
-Results are only comparable when we know what produced them (DESIGN.md §4 best.json, §5 "never against a
+Results are only comparable when we know what produced them (docs/DESIGN.md §4 best.json, §5 "never against a
 number from another day"), so every record carries these. Nothing here may fail a study: a missing git
 binary or a tree outside a repository gives `None`, not an exception.
 """

@@ -1,4 +1,4 @@
-"""The files of one study: `<out_dir>/studies/<study>/` (DESIGN.md §4 "Where results go").
+"""The files of one study: `<out_dir>/studies/<study>/` (docs/DESIGN.md §4 "Where results go").
 
     run_meta.json   what was run (spec, model, device, versions, the storage), rewritten atomically
     trials.jsonl    one JSON object per line per finished trial: a view of the Optuna storage (the source
