@@ -111,3 +111,16 @@ def spawn() -> Iterator[Spawned]:
         yield spawned
     finally:
         spawned.kill_all()
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    """A private PostgreSQL server on loopback for one test module (tests/pg_server.py); yields the URL of
+    an empty database. Missing binaries fail the test: the README's test command installs them."""
+    from pg_server import find_pg_bin, postgres_server
+
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL's initdb was not found: run .ci/install-test-services (apt-get install postgresql)")
+    with postgres_server(bin_dir) as url:
+        yield url

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("mlflow")
 
-from pg_server import find_pg_bin, postgres_server  # noqa: E402
 
 from xlstm_tune.study.liveness import OWNER_ATTR  # noqa: E402
 from xlstm_tune.study.storage import sqlalchemy_url  # noqa: E402
@@ -69,14 +67,6 @@ def _env() -> dict[str, str]:
     env.update(PYTHONUNBUFFERED="1", XLSTM_TUNE_INJECT_FAULT="2:delay")  # whoever runs trial 2 takes 20 s
     return env
 
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        pytest.fail("PostgreSQL's initdb was not found: run .ci/install-test-services (apt-get install postgresql)")
-    with postgres_server(bin_dir) as url:
-        yield url
 
 
 def _start(cwd: Path, i: int, storage: str | None, tracking: str | None, out_dir: str) -> subprocess.Popen:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pg_server import find_pg_bin, postgres_server
 
 pytest.importorskip("mlflow")
 
@@ -155,15 +154,6 @@ def test_tracking_through_an_mlflow_server(mlflow_server: str, tmp_path: Path) -
 
 
 # ---- PostgreSQL ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A private PostgreSQL server on loopback (tests/pg_server.py); yields the URL of an empty database."""
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        pytest.fail("PostgreSQL's initdb was not found: run .ci/install-test-services (apt-get install postgresql)")
-    with postgres_server(bin_dir) as url:
-        yield url
-
 
 def test_postgresql_url_uses_the_installed_driver() -> None:
     import importlib.util
@@ -175,8 +165,8 @@ def test_postgresql_url_uses_the_installed_driver() -> None:
     assert with_installed_driver("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
 
 
-def test_processes_starting_together_on_a_fresh_postgresql_store(postgres: str, tmp_path: Path) -> None:
-    uri = postgres  # a fresh database: MLflow's schema is created by the racing processes
+def test_processes_starting_together_on_a_fresh_postgresql_store(pg_url: str, tmp_path: Path) -> None:
+    uri = pg_url  # a fresh database: MLflow's schema is created by the racing processes
     _check_race(uri, _race(uri, tmp_path / "artifacts"))
     tr = StudyTracker(uri, "race")
     tr.start_parent("race-study")
