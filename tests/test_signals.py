@@ -23,7 +23,7 @@ pytest.importorskip("mlflow")
 
 pytestmark = pytest.mark.slow
 SMALL = ["--prefill-len", "32,64", "--new-tokens", "8", "--repeats", "2", "--no-progress"]
-PROGRESS = ("[trial ", "Confirmation round")
+PROGRESS = ("[trial ", "[worker] ", "Confirmation round")
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -297,12 +297,21 @@ def test_worker_pairs_each_candidate_with_the_default_measured_right_before_it(t
     configs = [{"key": "D", "knobs": DEFAULT_KNOBS}, {"key": "A", "knobs": dict(DEFAULT_KNOBS, chunk_size=16)},
                {"key": "B", "knobs": dict(DEFAULT_KNOBS, backend="native")}]
     reply = session.confirm({"configs": configs, "rounds": 2, "repeats": 2})
-    assert reply["sequence"] == ["D", "A", "D", "B", "D", "B", "D", "A"]  # the candidate order rotates
+    # Each round starts with the default, then the candidates in rotating order; the default is measured
+    # again before the second candidate only where that is cheap (remeasure_default, on measured times).
+    seq = reply["sequence"]
+    assert [c for c in seq if c != "D"] == ["A", "B", "B", "A"]  # the candidate order rotates
+    assert seq[0] == "D" and seq[seq.index("B") + 1] == "D" and 2 <= seq.count("D") <= 4
     pairs = reply["pairs"]
     assert [(p["round"], p["key"]) for p in pairs] == [(0, "A"), (0, "B"), (1, "B"), (1, "A")]
-    # Each pair holds the measurement taken right before the candidate's: the pooled samples, in order.
+    # Each pair holds the default's latest measurement before the candidate's (2 repeats per measurement).
     pooled_d = reply["configs"]["D"]["prefill"]["16"]
-    assert [s for p in pairs for s in p["default"]["prefill"]["16"]] == pooled_d
+    latest, n_d = [], 0
+    for key in seq:
+        n_d += key == "D"
+        if key != "D":
+            latest.append(pooled_d[2 * (n_d - 1):2 * n_d])
+    assert [p["default"]["prefill"]["16"] for p in pairs] == latest
     for key in ("A", "B"):
         pooled = [s for p in pairs if p["key"] == key for s in p["candidate"]["decode"]]
         assert pooled == reply["configs"][key]["decode"]
@@ -311,6 +320,19 @@ def test_worker_pairs_each_candidate_with_the_default_measured_right_before_it(t
     assert summary["paired_rounds"] == 2
     for e in summary["configs"][1:]:  # two rounds are below min_rounds: measured, but no evidence yet
         assert e["paired"]["prefill"]["16"]["rounds"] == 2 and e["paired"]["decode"]["verdict"] == "not enough evidence"
+
+
+@pytest.mark.parametrize("default_s, candidate_s, again", [
+    ([], [], True),                 # nothing measured yet: pair tightly
+    ([2.0], [], True),
+    ([2.0], [3.0, 1.0, 2.5], True),   # the default costs no more than the candidate's median
+    ([35.0], [3.0, 2.8, 3.1], False),  # a slow default: once per round
+    ([1.0, 9.0], [4.0], False),      # its latest measurement decides
+])
+def test_the_default_is_remeasured_before_a_candidate_only_where_that_is_cheap(default_s, candidate_s, again) -> None:
+    from xlstm_tune.study.worker import remeasure_default
+
+    assert remeasure_default(default_s, candidate_s) is again
 
 
 def test_terminal_summary_shows_intervals_verdicts_and_why_the_default_stays() -> None:

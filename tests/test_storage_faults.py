@@ -24,7 +24,7 @@ from xlstm_tune.study.journal_check import check_journal, trials_per_study  # no
 pytestmark = pytest.mark.slow
 SMALL = ["--n-trials", "3", "--prefill-len", "32,64", "--new-tokens", "8", "--repeats", "2", "--no-progress",
          "--no-early-stopping"]  # these tests count COMPLETE trials; early stopping has tests/test_pruning.py
-PROGRESS = ("[trial ", "Confirmation round")
+PROGRESS = ("[trial ", "[worker] ", "Confirmation round")
 
 
 def _env() -> dict[str, str]:

@@ -44,6 +44,34 @@ from xlstm_tune.errors import UserError
 
 DECODE_CSV_COLUMNS = ("step", "dt_ms", "cum_ms", "inst_tok_s", "avg_tok_s")
 
+# What a measurement is doing right now, `(stage, detail)`: e.g. ("prefill 2048", "timed call 2/3"). A
+# long trial is otherwise silent for minutes; the study's progress display shows these.
+PhaseCallback = Callable[[str, str], None]
+
+
+def _announced(call: Callable[[], None], on_phase: PhaseCallback | None, stage: str,
+               settings: BenchSettings) -> Callable[[], None]:
+    """`call`, announcing each invocation: the first call (where compilation happens), warm-up, timed."""
+    if on_phase is None:
+        return call
+    count = [0]
+
+    def announced() -> None:
+        k = count[0]
+        count[0] += 1
+        if k == 0:
+            detail = "first call (compiles)"
+        elif k <= settings.warmup:
+            detail = f"warm-up {k}/{settings.warmup}"
+        elif k - settings.warmup <= settings.repeats:
+            detail = f"timed call {k - settings.warmup}/{settings.repeats}"
+        else:  # another round (noisy figures) or a busy machine's re-measurement
+            detail = f"timed call {k - settings.warmup} (re-measuring)"
+        on_phase(stage, detail)
+        call()
+
+    return announced
+
 
 class PathMismatchError(RuntimeError):
     """A measured call ran other kernels than the knobs ask for: its figure would describe the wrong path."""
@@ -232,17 +260,20 @@ def clone_state(state: Any) -> Any:
 
 
 # ---- prefill ---------------------------------------------------------------------------------------
-def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: dict[str, Any] | None = None) -> PrefillResult:
-    """Prefill throughput of `model` on `ids` [B, S] with its current runtime knobs (state starts empty)."""
+def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: dict[str, Any] | None = None,
+                  on_phase: PhaseCallback | None = None, stage: str | None = None) -> PrefillResult:
+    """Prefill throughput of `model` on `ids` [B, S] with its current runtime knobs (state starts empty);
+    `on_phase(stage, detail)` hears of every call (`stage` defaults to "prefill <S>")."""
     info = model_info or {}
     options = model.runtime
     sync = _sync(model)
     n_tokens = int(ids.shape[-1])
     flags = check_prompt(n_tokens, options)
 
-    def call() -> None:
+    def run() -> None:
         model(ids)
 
+    call = _announced(run, on_phase, stage or f"prefill {n_tokens}", settings)
     model.stats.reset()
     first = time_first_call(call, sync)
     m, load = settings.measure(call, sync, model.device)
@@ -283,7 +314,8 @@ def write_decode_csv(path: str | Path, rows: Sequence[dict[str, float]]) -> Path
     return p
 
 
-def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettings, *, record_steps: bool = True) -> DecodeResult:
+def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettings, *, record_steps: bool = True,
+                 on_phase: PhaseCallback | None = None) -> DecodeResult:
     """Decode throughput over `new_tokens` greedy steps after prefilling `prompt` [B, S] once: B sequences
     decode together, and tok/s counts B x `new_tokens` tokens per call.
 
@@ -293,18 +325,24 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise UserError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
     sync = _sync(model)
+    stage = f"decode {new_tokens} tokens"
+    if on_phase is not None:
+        on_phase(stage, f"prefilling the {int(prompt.shape[-1])}-token prompt")
     logits, state0 = model(prompt)
     first_token = logits[:, -1:].argmax(-1)
     sync()
 
-    def call() -> None:
+    def run() -> None:
         model.generate(first_token, new_tokens, state=clone_state(state0))
 
+    call = _announced(run, on_phase, stage, settings)
     first = time_first_call(call, sync)
     m, load = settings.measure(call, sync, model.device)
     steps: list[tuple[int, float]] = []
     tokens: list[int] = []
     if record_steps:
+        if on_phase is not None:
+            on_phase(stage, "recording per-step times")
         out, _ = model.generate(first_token, new_tokens, state=clone_state(state0),
                                 on_step=lambda n, dt: steps.append((n, dt)))
         tokens = [int(first_token[0, 0])] + [int(t) for t in out[0].tolist()]  # row 0's
@@ -443,6 +481,7 @@ def run_benchmark(
     record_steps: bool = True,
     batch_size: int = 1,
     on_stage: Callable[[str, Any], bool] | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> BenchReport:
     """Prefill at every length (None: the text prompt's own length), then decode `new_tokens` (0: skip).
 
@@ -454,7 +493,7 @@ def run_benchmark(
     one timed repeat at the first length: cheap, compile included), then `prefill_ctx<L>` per length (the
     full measurement; the first length's first-call and compile time come from the screen), then
     `decode`. It is called after each stage with that stage's result and returns False to stop: the
-    report then holds what was measured so far.
+    report then holds what was measured so far. `on_phase(stage, detail)` hears of every call made.
     """
     t0 = time.perf_counter()
     prompts = dict(prompts or {})
@@ -472,11 +511,12 @@ def run_benchmark(
     screen: PrefillResult | None = None
     if on_stage is not None and lengths:
         once = BenchSettings(warmup=0, repeats=1, max_cv=1e9, max_rounds=1)
-        screen = bench_prefill(model, ids_for(lengths[0]), once, model_info=model_info)
+        screen = bench_prefill(model, ids_for(lengths[0]), once, model_info=model_info, on_phase=on_phase,
+                               stage=f"screen at {lengths[0]} tokens")
         if not on_stage("screen", screen):
             return report([screen], None)
     for i, n in enumerate(lengths):
-        result = bench_prefill(model, ids_for(n), settings, model_info=model_info)
+        result = bench_prefill(model, ids_for(n), settings, model_info=model_info, on_phase=on_phase)
         if i == 0 and screen is not None:  # the screen paid the first call (and any compilation)
             result.first_call_s = screen.first_call_s
             result.compile_s = max(0.0, screen.first_call_s - result.seconds.median)
@@ -492,7 +532,7 @@ def run_benchmark(
             if (dlen, batch_size) not in prompts:
                 prompts[(dlen, batch_size)] = prompt_ids(model, dlen, source, batch=batch_size)
             dec_ids = prompts[(dlen, batch_size)]
-        dec = bench_decode(model, dec_ids, new_tokens, settings, record_steps=record_steps)
+        dec = bench_decode(model, dec_ids, new_tokens, settings, record_steps=record_steps, on_phase=on_phase)
         if on_stage is not None:
             on_stage("decode", dec)
     return report(pre, dec)

@@ -11,6 +11,7 @@ from typing import Any
 from xlstm_tune.runtime.best_file import write_json_atomic
 from xlstm_tune.study import confirm as confirm_mod
 from xlstm_tune.study.export import confirm_path, read_confirm
+from xlstm_tune.study.progress import Progress
 from xlstm_tune.study.session import StudySession
 from xlstm_tune.study.space import knob_key
 from xlstm_tune.study.worker import WorkerFailure
@@ -47,12 +48,18 @@ def run_confirmation(s: StudySession) -> dict[str, Any] | None:
                     f"{c['rounds']} interleaved round(s)...\n")
         s.err.flush()
         raw = None
-        for attempt in (1, 2):
-            try:
-                raw = s.evaluator.confirm(configs, c["rounds"], c["repeats"])
-                break
-            except WorkerFailure as f:
-                s.notes.append(f"confirmation round attempt {attempt} failed ({f.reason}: {f.message})")
+        progress = Progress(False, 0, 0, p.name, s.err)  # plain lines: a long round says what it measures
+        progress.section("confirmation")
+        s.evaluator.listener = progress
+        try:
+            for attempt in (1, 2):
+                try:
+                    raw = s.evaluator.confirm(configs, c["rounds"], c["repeats"])
+                    break
+                except WorkerFailure as f:
+                    s.notes.append(f"confirmation round attempt {attempt} failed ({f.reason}: {f.message})")
+        finally:
+            s.evaluator.listener = None
         if raw is None:
             return None
         summary = confirm_mod.summarize_round(raw, default, cands, lens, rule=c)

@@ -28,6 +28,15 @@ class WorkerEvaluator:
     def info(self) -> dict[str, Any] | None:
         return self.worker.info
 
+    @property
+    def listener(self) -> Any:
+        """Who hears the worker's phase messages (study.progress.Progress), or None."""
+        return self.worker.listener
+
+    @listener.setter
+    def listener(self, value: Any) -> None:
+        self.worker.listener = value
+
     def _count_load(self) -> None:
         if self.worker.starts != self._starts_seen and self.worker.info:
             self._starts_seen = self.worker.starts

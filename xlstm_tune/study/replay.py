@@ -240,6 +240,7 @@ class ReplayEvaluator:
 
     def __init__(self, src: ReplaySource) -> None:
         self.src = src
+        self.listener: Any = None  # nothing runs, so no phases to hear
         self.info = {"device": "replay", "device_summary": (src.run_meta or {}).get("device_summary") or {},
                      "model": (src.run_meta or {}).get("model_info") or {}}
 

@@ -259,9 +259,10 @@ def run_loop(s: StudySession) -> None:
     timeout = p.spec.study["timeout_s"]
     t_start = time.monotonic()
     s.grid_done = False
+    s.progress = Progress(p.opts.progress, target, s.completed(), p.name, s.err, timeout_s=timeout)
+    s.evaluator.listener = s.progress  # the worker's phase messages (study.worker)
     if s.completed() < target and s.evaluator.kind == "worker":
         s.evaluator.start()  # load the model before the first trial: a model that cannot load fails here
-    s.progress = Progress(p.opts.progress, target, s.completed(), p.name, s.err)
     idle = threading.Event()  # never set: a bounded wait between looks at the storage
     unrunnable = 0
     try:
@@ -292,4 +293,5 @@ def run_loop(s: StudySession) -> None:
                     break
             s.progress.done(rec, s.completed(), best_text(s))
     finally:
+        s.evaluator.listener = None
         s.progress.close()

@@ -3,6 +3,7 @@
 Parent side (`TrialWorker`) and worker side (`worker_main`) talk over a `multiprocessing` pipe (spawn
 context, so the worker never inherits the parent's threads, locks or MLflow clients):
 
+    worker -> {"type": "phase", "number": n | None, "stage": ..., "detail": ...}   any time: what it is doing
     worker -> {"type": "ready", "info": {...}}                   after loading the model and the reference
     parent -> {"cmd": "trial", "number": n, "knobs": {...}, "fault": None | kind,
                "prune": None | limits, "time_limit_s": None | s}              (study.pruning)
@@ -12,9 +13,10 @@ context, so the worker never inherits the parent's threads, locks or MLflow clie
 
 The parent enforces the per-trial time limit (it kills the worker) and notices a worker that died (exit
 code or signal): both fail the trial (`timeout`, `crash`) with the tail of the worker's log as the captured
-error, and the next trial gets a fresh worker. An exception inside the worker is classified there
-(`faults.classify_exception`) and the worker is replaced as well: after an OOM, a memory abort or a
-compiler failure the process state is not trusted with further measurements.
+error and the phase it was in, and the next trial gets a fresh worker. An exception inside the worker is
+classified there (`faults.classify_exception`) and the worker is replaced as well: after an OOM, a memory
+abort or a compiler failure the process state is not trusted with further measurements. Phase messages go
+to the parent's `listener` (study.progress), which also hears a tick on every poll while the parent waits.
 
 The worker's stdout/stderr go to a log file (faulthandler writes native crash tracebacks there), so
 nothing a library prints can corrupt the protocol or the user's terminal. The worker ignores SIGINT
@@ -27,6 +29,7 @@ import faulthandler
 import multiprocessing as mp
 import os
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -77,6 +80,8 @@ class TrialWorker:
         self.info: dict[str, Any] | None = None
         self.starts = 0
         self.log_path: Path | None = None
+        self.listener: Any = None  # .phase(msg) and .tick() while waiting (study.progress.Progress)
+        self.last_phase: dict[str, Any] | None = None
 
     @property
     def alive(self) -> bool:
@@ -132,14 +137,29 @@ class TrialWorker:
             pass
         proc.join(10)
 
+    def _in_phase(self) -> str:
+        """' (during <stage>: <detail>)' of the last phase the worker announced, for a failure's message."""
+        ph = self.last_phase
+        return f" (during {ph['stage']}: {ph['detail']})" if ph else ""
+
     def _wait(self, timeout_s: float, what: str) -> dict[str, Any]:
+        """The worker's next reply; phase messages on the way go to the listener."""
         deadline = time.monotonic() + timeout_s
+        self.last_phase = None
         while True:
             try:
                 if self.conn.poll(0.1):
-                    return self.conn.recv()
+                    msg = self.conn.recv()
+                    if msg.get("type") != "phase":
+                        return msg
+                    self.last_phase = msg
+                    if self.listener is not None:
+                        self.listener.phase(msg)
+                    continue
             except (EOFError, OSError):
                 pass
+            if self.listener is not None:
+                self.listener.tick()
             if not self.proc.is_alive():
                 # The reply may have been sent just before the exit.
                 try:
@@ -150,13 +170,13 @@ class TrialWorker:
                 self.proc.join(5)
                 code = self.proc.exitcode
                 detail = _tail(self.log_path) if self.log_path else ""
-                raise WorkerFailure("crash", f"worker process died while {what} ({describe_signal(code)})", detail,
-                                    "WorkerDied")
+                raise WorkerFailure("crash", f"worker process died while {what} ({describe_signal(code)})"
+                                    f"{self._in_phase()}", detail, "WorkerDied")
             if time.monotonic() > deadline:
                 self._kill()
                 detail = _tail(self.log_path) if self.log_path else ""
-                raise WorkerFailure("timeout", f"{what} took longer than {timeout_s:g} s; worker killed", detail,
-                                    "Timeout")
+                raise WorkerFailure("timeout", f"{what} took longer than {timeout_s:g} s{self._in_phase()}; "
+                                    f"worker killed", detail, "Timeout")
 
     def request(self, msg: dict[str, Any], timeout_s: float, what: str) -> dict[str, Any]:
         """Send one command and wait for its reply; WorkerFailure (worker replaced next time) on failure."""
@@ -222,10 +242,21 @@ def _error_reply(exc: BaseException, number: int | None = None) -> dict[str, Any
     }
 
 
+def remeasure_default(default_s: list[float], candidate_s: list[float]) -> bool:
+    """Whether the confirmation round measures the default again right before a candidate, given the
+    seconds its measurements took so far: only where that costs no more than the candidate's own
+    measurement (median). A default far slower than the candidates (7B's step-block default: ~35 s
+    against ~3 s) would otherwise take most of the round; it is then measured once per round."""
+    if not default_s or not candidate_s:
+        return True
+    return default_s[-1] <= statistics.median(candidate_s)
+
+
 class _Session:
     """Everything a worker keeps between trials: the model, prompts, the reference outputs."""
 
-    def __init__(self, setup: dict[str, Any]) -> None:
+    def __init__(self, setup: dict[str, Any], notify: Any = None) -> None:
+        """`notify(stage, detail)` tells the parent what the worker is doing (the phase messages)."""
         from xlstm_tune.bench.harness import (
             BenchSettings,
             load_reference,
@@ -239,6 +270,8 @@ class _Session:
 
         t0 = time.perf_counter()
         self.setup = setup
+        self.notify = notify or (lambda stage, detail: None)
+        self.notify("loading the model", f"{setup['model']} on {setup['device']}, {setup['dtype']}")
         # Threads and kernel switches first: torch fixes its inter-op pool at the first parallel work.
         self.runtime = {"compile": bool(setup["compile"]), **RuntimeSettings(
             dtype=setup["dtype"], **setup.get("runtime", {})).apply(setup["device"], setup.get("concurrent", 1))}
@@ -265,6 +298,7 @@ class _Session:
         cached = load_reference(setup["reference_path"], meta)
         ref_s = 0.0
         if cached is None:
+            self.notify("reference outputs", "the canonical path, once per study")
             r0 = time.perf_counter()
             logits, tokens = reference_outputs(self.model, self.fid_ids, int(fid["decode_steps"]))
             ref_s = time.perf_counter() - r0
@@ -295,11 +329,12 @@ class _Session:
 
         return RuntimeOptions(**knobs, compile=self.compile)
 
-    def _fidelity(self) -> dict[str, Any]:
+    def _fidelity(self, stage: str = "fidelity") -> dict[str, Any]:
         from xlstm_tune.bench.harness import candidate_outputs
         from xlstm_tune.quality.fidelity import fidelity_metrics, fidelity_passed
 
         fid = self.setup["fidelity"]
+        self.notify(stage, f"{int(self.fid_ids.shape[-1])}-token prompt, {len(self.ref_tokens)} decode steps")
         out = candidate_outputs(self.model, self.fid_ids, self.ref_tokens)
         metrics = fidelity_metrics(out, self.ref_logits)
         passed = fidelity_passed(metrics, float(fid["rel_tol"]), fid.get("min_greedy_agreement"))
@@ -320,6 +355,7 @@ class _Session:
         key = tuple(ids)
         cache = self.__dict__.setdefault("_quality_cache", {})
         if key not in cache:
+            self.notify("quality", "scoring the continuation")
             if self.setup.get("quality", {}).get("perplexity", True) and ids:
                 import torch
 
@@ -372,13 +408,14 @@ class _Session:
         with memory_guard(self.device, self.watchdog_config) as wd:
             self.model.runtime = options
             if msg.get("fault"):
+                self.notify("fault injection", str(msg["fault"]))
                 ids = self.prompts[min(self.lengths)]
                 inject(msg["fault"], device=self.device, busy_work=lambda: self.model(ids))
             mark[0] = time.perf_counter()
             report = run_benchmark(self.model, sorted(self.lengths), self.source, self.new_tokens, self.settings,
                                    decode_context_len=self.decode_len, model_info=self.model_info,
                                    prompts=self.prompts, batch_size=self.batch_size,
-                                   on_stage=on_stage)  # shortest context first
+                                   on_stage=on_stage, on_phase=self.notify)  # shortest context first
             fidelity: dict[str, Any] = {}
             if not stopped:
                 f0 = time.perf_counter()
@@ -406,11 +443,13 @@ class _Session:
                 "quality": quality, "duration_s": time.perf_counter() - t0}
 
     def confirm(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Interleaved re-measurement: per round D, C1, D, C2, ..., D, Ck (candidate order rotates).
+        """Interleaved re-measurement: per round D, C1, D, C2, ..., D, Ck (candidate order rotates), except
+        that the default is measured again before a candidate only where its measurement costs no more than
+        that candidate's; a slow default is measured once per round (D, C1, C2, ..., Ck).
 
         Besides each configuration's pooled samples, `pairs` keeps every candidate measurement with the
-        default's measurement taken right before it (same round, same moment of the machine): the paired
-        statistics of `study.significance` need the pairing that pooling loses.
+        default's latest measurement of the same round (right before it, or at the round's start): the
+        paired statistics of `study.significance` need the pairing that pooling loses.
         """
         from xlstm_tune.bench.harness import BenchSettings, run_benchmark
 
@@ -424,40 +463,52 @@ class _Session:
         }
         sequence: list[str] = []
         pairs: list[dict[str, Any]] = []
+        took: dict[str, list[float]] = {c["key"]: [] for c in configs}  # seconds of each measurement
+        rounds = int(msg["rounds"])
         t0 = time.perf_counter()
-        for r in range(int(msg["rounds"])):
+
+        def measure(cfg: dict[str, Any], r: int, who: str) -> dict[str, Any] | None:
+            res = results[cfg["key"]]
+            if res["error"] is not None:
+                return None
+            stage = f"confirmation round {r + 1}/{rounds}"
+            try:
+                self.notify(stage, who)
+                self.model.runtime = self._options(cfg["knobs"])
+                if res["fidelity"] is None:
+                    res["fidelity"] = self._fidelity(stage=f"{stage}, fidelity of {who}")
+                m0 = time.perf_counter()
+                rep = run_benchmark(self.model, self.lengths, self.source, self.new_tokens, settings,
+                                    decode_context_len=self.decode_len, model_info=self.model_info,
+                                    prompts=self.prompts, record_steps=False, batch_size=self.batch_size)
+                took[cfg["key"]].append(time.perf_counter() - m0)
+            except Exception as exc:  # one candidate's failure must not lose the others
+                res["error"] = _error_reply(exc)
+                return None
+            measurement = {"prefill": {str(p.context_len): list(p.tok_s.samples) for p in rep.prefill},
+                           "decode": list(rep.decode.tok_s.samples) if rep.decode is not None else []}
+            for n, samples in measurement["prefill"].items():
+                res["prefill"][n].extend(samples)
+            res["decode"].extend(measurement["decode"])
+            sequence.append(cfg["key"])
+            return measurement
+
+        def default_again(cand: dict[str, Any]) -> bool:
+            mine = took[cand["key"]] or [t for c in candidates for t in took[c["key"]]]
+            return remeasure_default(took[default["key"]], mine)
+
+        for r in range(rounds):
             shift = r % len(candidates) if candidates else 0
             order = candidates[shift:] + candidates[:shift]
-            seq = [c for cand in order for c in (default, cand)] or [default]
-            before: dict[str, Any] | None = None  # the default's measurement right before this candidate
-            for cfg in seq:
-                is_default = cfg is default
-                if is_default:
-                    before = None
-                res = results[cfg["key"]]
-                if res["error"] is not None:
-                    continue
-                try:
-                    self.model.runtime = self._options(cfg["knobs"])
-                    if res["fidelity"] is None:
-                        res["fidelity"] = self._fidelity()
-                    rep = run_benchmark(self.model, self.lengths, self.source, self.new_tokens, settings,
-                                        decode_context_len=self.decode_len, model_info=self.model_info,
-                                        prompts=self.prompts, record_steps=False, batch_size=self.batch_size)
-                except Exception as exc:  # one candidate's failure must not lose the others
-                    res["error"] = _error_reply(exc)
-                    continue
-                measurement = {"prefill": {str(p.context_len): list(p.tok_s.samples) for p in rep.prefill},
-                               "decode": list(rep.decode.tok_s.samples) if rep.decode is not None else []}
-                for n, samples in measurement["prefill"].items():
-                    res["prefill"][n].extend(samples)
-                res["decode"].extend(measurement["decode"])
-                sequence.append(cfg["key"])
-                if is_default:
-                    before = measurement
-                elif before is not None:
-                    pairs.append({"round": r, "key": cfg["key"], "default": before, "candidate": measurement})
-                    before = None
+            before: dict[str, Any] | None = None  # this round's latest measurement of the default
+            if not order:
+                measure(default, r, "the default")
+            for i, cand in enumerate(order):
+                if i == 0 or before is None or default_again(cand):
+                    before = measure(default, r, "the default") or before
+                measurement = measure(cand, r, f"candidate {cand['key']}")
+                if measurement is not None and before is not None:
+                    pairs.append({"round": r, "key": cand["key"], "default": before, "candidate": measurement})
         return {"type": "result", "configs": results, "sequence": sequence, "pairs": pairs,
                 "duration_s": time.perf_counter() - t0}
 
@@ -485,8 +536,13 @@ def worker_main(conn: Any, setup: dict[str, Any]) -> None:
     except (AttributeError, OSError):
         pass
     print(f"[xlstm_tune worker {os.getpid()}] starting: {setup.get('model')} on {setup.get('device')}", flush=True)
+    current: dict[str, Any] = {"number": None}
+
+    def notify(stage: str, detail: str) -> None:
+        conn.send({"type": "phase", "number": current["number"], "stage": stage, "detail": detail})
+
     try:
-        session = _Session(setup)
+        session = _Session(setup, notify)
     except BaseException as exc:  # noqa: BLE001 - every failure is reported, none is raised into nothing
         traceback.print_exc()
         reply = _error_reply(exc)
@@ -507,6 +563,7 @@ def worker_main(conn: Any, setup: dict[str, Any]) -> None:
             session.model.close()
             return
         number = msg.get("number")
+        current["number"] = number
         print(f"[xlstm_tune worker {os.getpid()}] {cmd} {number if number is not None else ''} {msg.get('knobs', '')}",
               flush=True)
         try:
