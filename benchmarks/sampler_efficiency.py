@@ -66,6 +66,24 @@ def scores(lookup: dict, objectives: list[str], optimum: dict[str, float]) -> di
     return out
 
 
+def grid_cost(src) -> dict[str, float]:
+    """The recorded seconds of the grid's distinct configurations, as replay charges them (stage costs)."""
+    def stages(r: dict) -> float:
+        return sum(float(v or 0) for v in (r.get("stage_s") or {}).values()) or float(r.get("duration_s") or 0)
+
+    def compile_s(r: dict) -> float:
+        return float((r.get("phases") or {}).get("compile_s") or 0)
+
+    sessions = (src.run_meta or {}).get("sessions") or []
+    return {"complete": sum(stages(r) for r in src.lookup.values()),
+            "compile": sum(compile_s(r) for r in src.lookup.values()),
+            "fidelity": sum(float((r.get("stage_s") or {}).get("fidelity") or 0) for r in src.lookup.values()),
+            "pruned": sum(stages(r) for r in src.partial.values()),
+            "pruned_compile": sum(compile_s(r) for r in src.partial.values()),
+            "load": sum(float(x.get("load_s") or 0) for x in sessions),
+            "confirm": sum(float(x.get("confirm_s") or 0) for x in sessions)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from xlstm_tune.study.pruning import PruneRule
     from xlstm_tune.study.replay import (
@@ -111,13 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     rule_on = PruneRule.from_spec(spec.pruning)
     rule_on = dataclasses.replace(rule_on, enabled=True)
     rule_off = dataclasses.replace(rule_on, enabled=False)
-    full_cost = sum(c for r in src.lookup.values() for c in [float(r.get("duration_s") or 0)])
+    cost = grid_cost(src)
     print(f"recorded grid {args.data.name}: {len(src.lookup)} measured configurations ({len(src.partial)} pruned "
           f"when recorded), {n_grid} grid points; optimum " +
           ", ".join(f"{o} {optimum[o]:,.0f}" for o in objectives) +
           f"; best score {best_score:.3f} (min over objectives of value/optimum); target {args.target:.0%} of it, "
-          f"reached by {len(good)} configuration(s); {args.seeds} seeds, budget {budget} trials; measuring the "
-          f"whole grid took {full_cost:,.0f} s")
+          f"reached by {len(good)} configuration(s); {args.seeds} seeds, budget {budget} trials")
+    print(f"recorded trial costs, the grid in recording order: {cost['complete'] + cost['pruned']:,.1f} s "
+          f"({cost['complete']:,.1f} s for the {len(src.lookup)} measured to the end, of it {cost['compile']:,.1f} s "
+          f"compile and {cost['fidelity']:,.1f} s fidelity; {cost['pruned']:,.1f} s for the {len(src.partial)} "
+          f"pruned, of it {cost['pruned_compile']:,.1f} s compile); not charged to any sampler: worker start, "
+          f"load and reference {cost['load']:,.1f} s, confirmation {cost['confirm']:,.1f} s")
 
     def reached(events) -> bool:
         return any(e.state == "COMPLETE" and e.feasible and score.get(e.key, 0.0) >= goal for e in events)
