@@ -46,11 +46,18 @@ def record(data: Path) -> None:
 
 
 def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile; a run that never reached the target counts as infinity."""
     xs = sorted(values)
     pos = (len(xs) - 1) * q
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
+    if xs[hi] == xs[lo] or pos == lo:
+        return xs[lo]
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def fmt(x: float, spec: str = ",.1f") -> str:
+    return "never" if x == float("inf") else format(x, spec)
 
 
 def scores(lookup: dict, objectives: list[str], optimum: dict[str, float]) -> dict[str, float]:
@@ -106,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objectives", default="prefill_tok_s,decode_tok_s", help="comma-separated objectives")
     p.add_argument("--target", type=float, default=0.95, help="fraction of the best score to reach")
     p.add_argument("--budget", type=int, default=None, help="trials per run at most (default: 2 x grid points)")
+    p.add_argument("--gp-budget", type=int, default=40,
+                   help="trials per gp run at most (default 40; GPSampler refits per trial, ~0.5 s each on a "
+                        "2-core CPU, and a run that never reaches the target runs to its budget)")
     p.add_argument("--study-trials", type=int, default=20,
                    help="the study size samplers are configured for (their start-up phase scales with it)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -157,21 +167,27 @@ def main(argv: list[str] | None = None) -> int:
         for setting, rule in (("on", rule_on), ("off", rule_off)):
             t0 = time.perf_counter()
             secs, trials, pruned, failures = [], [], [], 0
+            run_budget = min(budget, args.gp_budget) if name == "gp" else budget
             for seed in range(args.seeds):
-                events = replay_costed(src, space, name, seed, objectives, rule, max_trials=budget,
+                events = replay_costed(src, space, name, seed, objectives, rule, max_trials=run_budget,
                                        sampler_trials=args.study_trials, stop=reached)
-                if not reached(events):
+                if not reached(events):  # counts as never: the median is over every seed
                     failures += 1
+                    secs.append(float("inf"))
+                    trials.append(float("inf"))
+                    pruned.append(sum(1 for e in events if e.state == "PRUNED"))
                     continue
                 secs.append(sum(e.cost_s for e in events))
                 trials.append(len(events))
                 pruned.append(sum(1 for e in events if e.state == "PRUNED"))
-            results[f"{name}/{setting}"] = {"sampler": name, "early_stopping": setting, "seconds": secs,
+            results[f"{name}/{setting}"] = {"sampler": name, "early_stopping": setting, "budget": run_budget,
+                                            "seconds": secs,
                                             "trials": trials, "pruned": pruned, "failures": failures,
                                             "wall_s": time.perf_counter() - t0}
             print(f"  {name}, early stopping {setting}: {args.seeds} seeds in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
 
+    inf = float("inf")
     base = results.get("random/off")
     base_med = statistics.median(base["seconds"]) if base and base["seconds"] else None
     header = ["sampler", "early stop", "seconds median", "p20", "p80", "trials median", "pruned median",
@@ -180,22 +196,28 @@ def main(argv: list[str] | None = None) -> int:
     for r in results.values():
         s = r["seconds"]
         med = statistics.median(s) if s else None
-        rows.append([r["sampler"], r["early_stopping"], f"{med:,.1f}" if med is not None else "-",
-                     f"{quantile(s, .2):,.1f}" if s else "-", f"{quantile(s, .8):,.1f}" if s else "-",
-                     f"{statistics.median(r['trials']):.1f}" if r["trials"] else "-",
+        ratio = "-"
+        if base_med is not None and med is not None and base_med < inf and 0 < med < inf:
+            ratio = f"{base_med / med:.2f}x"
+        rows.append([r["sampler"], r["early_stopping"], fmt(med) if med is not None else "-",
+                     fmt(quantile(s, .2)) if s else "-", fmt(quantile(s, .8)) if s else "-",
+                     fmt(statistics.median(r["trials"]), ".1f") if r["trials"] else "-",
                      f"{statistics.median(r['pruned']):.1f}" if r["pruned"] else "-",
-                     f"{r['failures']}/{args.seeds}",
-                     f"{base_med / med:.2f}x" if (base_med and med) else "-"])
+                     f"{r['failures']}/{args.seeds}" + (f" in {r['budget']}" if r["budget"] != budget else ""),
+                     ratio])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)] if rows else []
     print()
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
-    print(f"\nseconds: recorded measuring time until a configuration scores >= {goal:.3f}; trials: trials run by "
-          f"then (repeats of a configuration are free); vs random: random search without early stopping's "
-          f"median seconds / this median.")
+    print(f"\nseconds: recorded trial seconds until a configuration scores >= {goal:.3f} (medians over every seed; "
+          f"a run that never reached it within its trial budget counts as never); trials: trials run by then "
+          f"(repeats of a configuration are free); vs random: random search without early stopping's median "
+          f"seconds / this median.")
     if args.json:
+        clean = {k: dict(v, seconds=[x if x < inf else None for x in v["seconds"]],
+                         trials=[x if x < inf else None for x in v["trials"]]) for k, v in results.items()}
         print(json.dumps({"optimum": optimum, "best_score": best_score, "goal": goal, "budget": budget,
-                          "results": results}, indent=2))
+                          "results": clean}, indent=2))
     return 0
 
 
