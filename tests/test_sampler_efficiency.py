@@ -97,3 +97,21 @@ def test_replay_measures_what_the_study_measures_first_and_early_stopping_then_n
         if "backend=queued" in bare[0].key:
             break
     assert "backend=queued" in bare[0].key and bare[0].estimated
+
+
+def test_runs_that_never_reach_the_target_count_in_the_median(capsys) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_efficiency.py"
+    spec = importlib.util.spec_from_file_location("sampler_efficiency", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    assert mod.main(["--data", str(GRID), "--seeds", "3", "--samplers", "random", "--budget", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("random ")]
+    assert len(rows) == 2
+    for r in rows:
+        never = int(r[7].split("/")[0])
+        # two trials (the shipped configuration, then one draw) rarely reach the one target configuration
+        assert (r[2] == "never") == (never >= 2)
+        assert r[5] == "never" or float(r[5]) <= 2.0
+    assert mod.quantile([1.0, float("inf")], 0.5) == float("inf") and mod.quantile([1.0, 3.0], 0.5) == 2.0
