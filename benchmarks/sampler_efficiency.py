@@ -159,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
           ", ".join(f"{o} {optimum[o]:,.0f}" for o in objectives) +
           f"; best score {best_score:.3f} (min over objectives of value/optimum); target {args.target:.0%} of it, "
           f"reached by {len(good)} configuration(s); {args.seeds} seeds, budget {budget} trials")
+    def short(key: str) -> str:
+        knobs = dict(kv.split("=", 1) for kv in key.split("|"))
+        return "/".join(knobs[k] for k in ("backend", "chunk_size", "heads_per_band", "decode_mode"))
+
+    if len(good) <= 6:
+        print("reaching the target (backend/chunk_size/heads_per_band/decode_mode): " + ", ".join(map(short, good)))
     first = (f", of it {cost['compile']:,.1f} s first calls (compile, warm-up) and {cost['fidelity']:,.1f} s fidelity"
              if cost["compile"] else "")
     first_p = f", of it {cost['pruned_compile']:,.1f} s first calls" if cost["pruned_compile"] else ""

@@ -18,6 +18,10 @@ estimates from their per-call times, `stage_plan`), the study's rule is applied 
 the trial's `duration_s` is what the stages it ran cost. A configuration the recording itself pruned is
 known only up to its stage: replay prunes it there or, when the replayed study would have gone on, charges
 an estimate of the remaining stages and records it pruned (it was hopeless against the recorded front).
+
+`replay_costed` is the same study in memory, for sampler comparisons: it measures first what `study`
+measures first (`study_queue`: the default, [study] enqueue, the shipped configuration) and charges each
+trial the recorded seconds of the stages it ran (`ReplayEvent.stage_s`, estimates listed in `estimated`).
 """
 from __future__ import annotations
 
@@ -398,7 +402,7 @@ def study_queue(src: ReplaySource, space: Any, objectives: Sequence[str]) -> lis
 def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, objectives: Sequence[str],
                   rule: Any, *, max_trials: int, sampler_trials: int, stop: Any = None,
                   enqueue: Sequence[Mapping[str, Any]] | None = None) -> list[ReplayEvent]:
-    """An in-memory study over SOURCE, as `study --replay` runs it: the default first, duplicates answered
+    """An in-memory study over SOURCE, as `study --replay` runs it: `enqueue` first, duplicates answered
     from their first measurement (cost 0), every other trial walked through its recorded stages with
     `rule` (study.pruning.PruneRule; `enabled = False`: measured to the end) and charged what those
     stages cost. `stop(events)` ends the run early (e.g. once a target is reached). `enqueue`: the
