@@ -6,6 +6,11 @@ On one H200 (about 9 minutes; run it again with the same --name to continue an u
         --budget-s 540
     python benchmarks/sampler_efficiency.py --data benchmarks/data/xlstm350m_h200_grid
 
+The wider 350M grid meant to separate samplers (36 configurations, estimated ~340 s on one H200):
+
+    python benchmarks/record_grid.py --experiment experiments/grid_350m_gpu_wide.toml --name xlstm350m_h200_wide \
+        --budget-s 540
+
 On a CPU (the `tiny` model; a narrowed space for a quick check, flags after `--` go to the study):
 
     python benchmarks/record_grid.py --experiment experiments/grid_tiny.toml --name tiny_cpu_check \

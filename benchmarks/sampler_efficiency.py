@@ -3,19 +3,33 @@ stopping, against random search, in replay mode.
 
     python benchmarks/sampler_efficiency.py                                   # the recorded tiny CPU grid
     python benchmarks/sampler_efficiency.py --data benchmarks/data/xlstm350m_h200_grid --seeds 20
+    python benchmarks/sampler_efficiency.py --data benchmarks/data/xlstm350m_h200_grid --samplers random,tpe,ga,gp
     python benchmarks/sampler_efficiency.py --objectives prefill_tok_s --target 0.9 --json
 
 The ground truth is a recorded grid (benchmarks/record_grid.py; default benchmarks/data/tiny_cpu_grid:
 every valid configuration of `experiments/grid_tiny.toml` on a 2-core CPU). Each sampler runs replayed
-studies (`xlstm_tune.study.replay.replay_costed`: the default first, repeated configurations free, every
-trial charged the recorded cost in seconds of the stages it ran) with early stopping on (the study's
-default rule, `[pruning]`) and off, one per seed, until a configuration reaches the target.
+studies (`xlstm_tune.study.replay.replay_costed`) with early stopping on (the study's default rule,
+`[pruning]`) and off, one per seed, until a configuration reaches the target.
+
+What a replayed study is charged, per trial, is what the recording spent on the same stages: the sum of
+its recorded stage seconds (`stage_s`: screen, which includes the first call and so any compile the
+recording paid there; each longer context; decode; fidelity for a trial that completes), up to the stage
+the rule stops it at. A replayed study measures first what `study` measures first (the default when the
+space holds it, [study] enqueue, the shipped `configs/<device>.toml`), so early stopping has the same
+first front as a real study. Repeats of a configuration cost nothing (a study answers them from the first
+measurement). A configuration the recording pruned, which the replayed study would measure further, has
+its remaining stages estimated (`stage_plan`). Not charged, because every sampler pays them alike: the
+worker's start, model load and fidelity reference, the confirmation round, the study's own overhead (the
+header prints the recorded figures). Compile costs stay where the recording paid them: a compiled kernel
+is cached per worker, so the first configuration of a shape in the recording carries the compile, and a
+replayed study that reaches another configuration of that shape first is charged its warm cost.
 
 Target on several objectives: a configuration's score is min over objectives of value / grid optimum;
 the target is `--target` (default 95%) of the best score in the grid (1.0 when one configuration is best
-on every objective). Reported per sampler and setting: the median over seeds of the recorded seconds
-and of the trials to reach it, p20/p80 of the seconds, runs that never reached it within `--budget`
-trials, and random search without early stopping's median seconds / this median ("vs random").
+on every objective). Reported per sampler and setting, over every seed: the median recorded seconds and
+trials to reach it, p20/p80 of the seconds (a run that never reached it within its trial budget, `--budget`,
+`--gp-budget` for gp, counts as never), how many never reached it, and random search without early
+stopping's median seconds / this median ("vs random").
 """
 from __future__ import annotations
 
@@ -46,11 +60,18 @@ def record(data: Path) -> None:
 
 
 def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile; a run that never reached the target counts as infinity."""
     xs = sorted(values)
     pos = (len(xs) - 1) * q
     lo = int(pos)
     hi = min(lo + 1, len(xs) - 1)
+    if xs[hi] == xs[lo] or pos == lo:
+        return xs[lo]
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def fmt(x: float, spec: str = ",.1f") -> str:
+    return "never" if x == float("inf") else format(x, spec)
 
 
 def scores(lookup: dict, objectives: list[str], optimum: dict[str, float]) -> dict[str, float]:
@@ -64,6 +85,24 @@ def scores(lookup: dict, objectives: list[str], optimum: dict[str, float]) -> di
             continue
         out[key] = min(float(v) / optimum[o] for v, o in zip(vals, objectives))
     return out
+
+
+def grid_cost(src) -> dict[str, float]:
+    """The recorded seconds of the grid's distinct configurations, as replay charges them (stage costs)."""
+    def stages(r: dict) -> float:
+        return sum(float(v or 0) for v in (r.get("stage_s") or {}).values()) or float(r.get("duration_s") or 0)
+
+    def compile_s(r: dict) -> float:
+        return float((r.get("phases") or {}).get("compile_s") or 0)  # the first calls' seconds
+
+    sessions = (src.run_meta or {}).get("sessions") or []
+    return {"complete": sum(stages(r) for r in src.lookup.values()),
+            "compile": sum(compile_s(r) for r in src.lookup.values()),
+            "fidelity": sum(float((r.get("stage_s") or {}).get("fidelity") or 0) for r in src.lookup.values()),
+            "pruned": sum(stages(r) for r in src.partial.values()),
+            "pruned_compile": sum(compile_s(r) for r in src.partial.values()),
+            "load": sum(float(x.get("load_s") or 0) for x in sessions),
+            "confirm": sum(float(x.get("confirm_s") or 0) for x in sessions)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objectives", default="prefill_tok_s,decode_tok_s", help="comma-separated objectives")
     p.add_argument("--target", type=float, default=0.95, help="fraction of the best score to reach")
     p.add_argument("--budget", type=int, default=None, help="trials per run at most (default: 2 x grid points)")
+    p.add_argument("--gp-budget", type=int, default=40,
+                   help="trials per gp run at most (default 40; GPSampler refits per trial, ~0.5 s each on a "
+                        "2-core CPU, and a run that never reaches the target runs to its budget)")
     p.add_argument("--study-trials", type=int, default=20,
                    help="the study size samplers are configured for (their start-up phase scales with it)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
@@ -111,13 +153,25 @@ def main(argv: list[str] | None = None) -> int:
     rule_on = PruneRule.from_spec(spec.pruning)
     rule_on = dataclasses.replace(rule_on, enabled=True)
     rule_off = dataclasses.replace(rule_on, enabled=False)
-    full_cost = sum(c for r in src.lookup.values() for c in [float(r.get("duration_s") or 0)])
+    cost = grid_cost(src)
     print(f"recorded grid {args.data.name}: {len(src.lookup)} measured configurations ({len(src.partial)} pruned "
           f"when recorded), {n_grid} grid points; optimum " +
           ", ".join(f"{o} {optimum[o]:,.0f}" for o in objectives) +
           f"; best score {best_score:.3f} (min over objectives of value/optimum); target {args.target:.0%} of it, "
-          f"reached by {len(good)} configuration(s); {args.seeds} seeds, budget {budget} trials; measuring the "
-          f"whole grid took {full_cost:,.0f} s")
+          f"reached by {len(good)} configuration(s); {args.seeds} seeds, budget {budget} trials")
+    def short(key: str) -> str:
+        knobs = dict(kv.split("=", 1) for kv in key.split("|"))
+        return "/".join(knobs[k] for k in ("backend", "chunk_size", "heads_per_band", "decode_mode"))
+
+    if len(good) <= 6:
+        print("reaching the target (backend/chunk_size/heads_per_band/decode_mode): " + ", ".join(map(short, good)))
+    first = (f", of it {cost['compile']:,.1f} s first calls (compile, warm-up) and {cost['fidelity']:,.1f} s fidelity"
+             if cost["compile"] else "")
+    first_p = f", of it {cost['pruned_compile']:,.1f} s first calls" if cost["pruned_compile"] else ""
+    print(f"recorded trial costs, the grid in recording order: {cost['complete'] + cost['pruned']:,.1f} s "
+          f"({cost['complete']:,.1f} s for the {len(src.lookup)} measured to the end{first}; {cost['pruned']:,.1f} s "
+          f"for the {len(src.partial)} pruned{first_p}); not charged to any sampler: worker start, load and "
+          f"reference {cost['load']:,.1f} s, confirmation {cost['confirm']:,.1f} s")
 
     def reached(events) -> bool:
         return any(e.state == "COMPLETE" and e.feasible and score.get(e.key, 0.0) >= goal for e in events)
@@ -135,21 +189,27 @@ def main(argv: list[str] | None = None) -> int:
         for setting, rule in (("on", rule_on), ("off", rule_off)):
             t0 = time.perf_counter()
             secs, trials, pruned, failures = [], [], [], 0
+            run_budget = min(budget, args.gp_budget) if name == "gp" else budget
             for seed in range(args.seeds):
-                events = replay_costed(src, space, name, seed, objectives, rule, max_trials=budget,
+                events = replay_costed(src, space, name, seed, objectives, rule, max_trials=run_budget,
                                        sampler_trials=args.study_trials, stop=reached)
-                if not reached(events):
+                if not reached(events):  # counts as never: the median is over every seed
                     failures += 1
+                    secs.append(float("inf"))
+                    trials.append(float("inf"))
+                    pruned.append(sum(1 for e in events if e.state == "PRUNED"))
                     continue
                 secs.append(sum(e.cost_s for e in events))
                 trials.append(len(events))
                 pruned.append(sum(1 for e in events if e.state == "PRUNED"))
-            results[f"{name}/{setting}"] = {"sampler": name, "early_stopping": setting, "seconds": secs,
+            results[f"{name}/{setting}"] = {"sampler": name, "early_stopping": setting, "budget": run_budget,
+                                            "seconds": secs,
                                             "trials": trials, "pruned": pruned, "failures": failures,
                                             "wall_s": time.perf_counter() - t0}
             print(f"  {name}, early stopping {setting}: {args.seeds} seeds in {time.perf_counter() - t0:.1f} s",
                   file=sys.stderr, flush=True)
 
+    inf = float("inf")
     base = results.get("random/off")
     base_med = statistics.median(base["seconds"]) if base and base["seconds"] else None
     header = ["sampler", "early stop", "seconds median", "p20", "p80", "trials median", "pruned median",
@@ -158,22 +218,28 @@ def main(argv: list[str] | None = None) -> int:
     for r in results.values():
         s = r["seconds"]
         med = statistics.median(s) if s else None
-        rows.append([r["sampler"], r["early_stopping"], f"{med:,.1f}" if med is not None else "-",
-                     f"{quantile(s, .2):,.1f}" if s else "-", f"{quantile(s, .8):,.1f}" if s else "-",
-                     f"{statistics.median(r['trials']):.1f}" if r["trials"] else "-",
+        ratio = "-"
+        if base_med is not None and med is not None and base_med < inf and 0 < med < inf:
+            ratio = f"{base_med / med:.2f}x"
+        rows.append([r["sampler"], r["early_stopping"], fmt(med) if med is not None else "-",
+                     fmt(quantile(s, .2)) if s else "-", fmt(quantile(s, .8)) if s else "-",
+                     fmt(statistics.median(r["trials"]), ".1f") if r["trials"] else "-",
                      f"{statistics.median(r['pruned']):.1f}" if r["pruned"] else "-",
-                     f"{r['failures']}/{args.seeds}",
-                     f"{base_med / med:.2f}x" if (base_med and med) else "-"])
+                     f"{r['failures']}/{args.seeds}" + (f" in {r['budget']}" if r["budget"] != budget else ""),
+                     ratio])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)] if rows else []
     print()
     for line in [header, ["-" * w for w in widths], *rows]:
         print("  ".join(x.ljust(w) for x, w in zip(line, widths)))
-    print(f"\nseconds: recorded measuring time until a configuration scores >= {goal:.3f}; trials: trials run by "
-          f"then (repeats of a configuration are free); vs random: random search without early stopping's "
-          f"median seconds / this median.")
+    print(f"\nseconds: recorded trial seconds until a configuration scores >= {goal:.3f} (medians over every seed; "
+          f"a run that never reached it within its trial budget counts as never); trials: trials run by then "
+          f"(repeats of a configuration are free); vs random: random search without early stopping's median "
+          f"seconds / this median.")
     if args.json:
+        clean = {k: dict(v, seconds=[x if x < inf else None for x in v["seconds"]],
+                         trials=[x if x < inf else None for x in v["trials"]]) for k, v in results.items()}
         print(json.dumps({"optimum": optimum, "best_score": best_score, "goal": goal, "budget": budget,
-                          "results": results}, indent=2))
+                          "results": clean}, indent=2))
     return 0
 
 

@@ -18,6 +18,10 @@ estimates from their per-call times, `stage_plan`), the study's rule is applied 
 the trial's `duration_s` is what the stages it ran cost. A configuration the recording itself pruned is
 known only up to its stage: replay prunes it there or, when the replayed study would have gone on, charges
 an estimate of the remaining stages and records it pruned (it was hopeless against the recorded front).
+
+`replay_costed` is the same study in memory, for sampler comparisons: it measures first what `study`
+measures first (`study_queue`: the default, [study] enqueue, the shipped configuration) and charges each
+trial the recorded seconds of the stages it ran (`ReplayEvent.stage_s`, estimates listed in `estimated`).
 """
 from __future__ import annotations
 
@@ -373,15 +377,45 @@ class ReplayEvent:
     values: list[float] | None
     feasible: bool
     key: str
+    stage_s: dict[str, float] = field(default_factory=dict)  # what cost_s is made of, per stage (+ fidelity)
+    estimated: tuple[str, ...] = ()  # stages of stage_s the recording never ran (estimated by stage_plan)
+
+
+def study_queue(src: ReplaySource, space: Any, objectives: Sequence[str]) -> list[dict[str, Any]]:
+    """Sampler params a fresh study over SOURCE's spec measures first, in order, as `study` queues them
+    (study.runner): the default (when the space holds it), the spec's [study] enqueue entries, then the
+    shipped configuration for the recorded device type (`[study] shipped_config`, study.warm_start)."""
+    from xlstm_tune.study.plan import enqueue_params
+    from xlstm_tune.study.warm_start import plan_seeds
+
+    study = _spec_section(src, "study")
+    out: list[dict[str, Any]] = []
+    default = space.params_for(space.default_knobs())
+    if default is not None:
+        out.append(default)
+    out += [enqueue_params(space, n, e) for n, e in enumerate(study.get("enqueue") or [], 1)]
+    device_type = str(source_capabilities(src).get("device_type") or "")
+    if study.get("shipped_config", True) and device_type in ("cpu", "cuda", "mps"):
+        out += [params for params, _ in plan_seeds([], src.trials_path.parent, objectives, space, device_type)[0]]
+    return out
 
 
 def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, objectives: Sequence[str],
                   rule: Any, *, max_trials: int, sampler_trials: int, stop: Any = None,
-                  enqueue_default: bool = True) -> list[ReplayEvent]:
-    """An in-memory study over SOURCE, as `study --replay` runs it: the default first, duplicates answered
+                  enqueue: Sequence[Mapping[str, Any]] | None = None) -> list[ReplayEvent]:
+    """An in-memory study over SOURCE, as `study --replay` runs it: `enqueue` first, duplicates answered
     from their first measurement (cost 0), every other trial walked through its recorded stages with
     `rule` (study.pruning.PruneRule; `enabled = False`: measured to the end) and charged what those
-    stages cost. `stop(events)` ends the run early (e.g. once a target is reached)."""
+    stages cost. `stop(events)` ends the run early (e.g. once a target is reached). `enqueue`: the
+    params measured first (default `study_queue`: what `study` itself measures first, e.g. the shipped
+    configuration, which gives early stopping its first front).
+
+    A trial's cost is the sum of its stages' recorded seconds (`stage_s`: the screen includes the first
+    call, i.e. any compile the recording paid there; a COMPLETE trial adds its fidelity check), up to the
+    stage the rule stops it at. Stages the recording never ran (a configuration it pruned, which this
+    study measures further; records without `stage_s`) are estimated (`stage_plan`) and listed in the
+    event's `estimated`. Not charged: the worker's start, model load and reference (once per study, the
+    same for every sampler), the confirmation round, and the study's own overhead."""
     import optuna
 
     from xlstm_tune.study.records import build_record
@@ -391,10 +425,9 @@ def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, o
     sampler = make_sampler(sampler_name, seed=seed, n_objectives=len(objectives), n_trials=sampler_trials,
                            grid=space.grid() if sampler_name == "grid" else None)
     study = optuna.create_study(directions=["maximize"] * len(objectives), sampler=sampler)
-    if enqueue_default and sampler_name != "grid":
-        params = space.params_for(space.default_knobs())
-        if params is not None:
-            study.enqueue_trial(params)
+    if sampler_name != "grid":
+        for params in (study_queue(src, space, objectives) if enqueue is None else enqueue):
+            study.enqueue_trial(dict(params))
     records: list[dict[str, Any]] = []
     seen: dict[str, dict[str, Any]] = {}
     events: list[ReplayEvent] = []
@@ -405,9 +438,10 @@ def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, o
         if knobs is None:
             continue
         key = knob_key(knobs)
+        estimated: tuple[str, ...] = ()
         if key in seen:  # answered from the first measurement: free
             prev = seen[key]
-            outcome = {"state": prev["state"], "duration_s": 0.0}
+            outcome = {"state": prev["state"], "duration_s": 0.0, "stage_s": {}}
             rec = prev
         else:
             base = src.lookup.get(key) or src.partial.get(key)
@@ -416,6 +450,8 @@ def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, o
                 continue
             limits = pruning.thresholds(records, objectives, rule)
             outcome = recorded_outcome(src, base, limits, pruning.time_limit_s(records, rule))
+            recorded_stages = base.get("stage_s") or {}
+            estimated = tuple(n for n in outcome.get("stage_s") or {} if n not in recorded_stages)
             rec = build_record(len(records), state=outcome["state"], params=params, knobs=knobs, compile=False,
                                key=key, outcome=outcome, objectives=objectives,
                                failure_reason=outcome.get("failure_reason"))
@@ -426,10 +462,12 @@ def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, o
             values = [float(v) for v in rec["objective_values"]]
             set_constraint(trial, rec.get("constraint", 1.0))
             stopped = _tell(study, trial, values=values)
-            events.append(ReplayEvent(cost, "COMPLETE", values, bool(rec.get("feasible")), key))
+            events.append(ReplayEvent(cost, "COMPLETE", values, bool(rec.get("feasible")), key,
+                                      dict(outcome.get("stage_s") or {}), estimated))
         else:
             stopped = _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
-            events.append(ReplayEvent(cost, "PRUNED", None, False, key))
+            events.append(ReplayEvent(cost, "PRUNED", None, False, key, dict(outcome.get("stage_s") or {}),
+                                      estimated))
         if stopped or (stop is not None and stop(events)):
             break
     return events
