@@ -319,7 +319,9 @@ def test_fidelity_failure_is_infeasible_and_never_best(tmp_path: Path) -> None:
         '[fidelity]\nrel_tol = 1e-12\nprompt_len = 48\ndecode_steps = 2\n[confirm]\nrounds = 1\n'
         '[space]\nbackend = ["native", "queued"]\nchunk_size = [16, 32]\nt_inner = [1]\nheads_per_band = [4]\n'
         'workers = [1]\n')
-    proc = cli(tmp_path, "study", "--experiment", str(spec), "--out-dir", "out", "--no-progress")
+    # every trial measured to the end: a screen taken while other jobs load the CPU must not prune native
+    proc = cli(tmp_path, "study", "--experiment", str(spec), "--out-dir", "out", "--no-progress",
+               "--no-early-stopping")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, lines = check_consistent(tmp_path / "out", "strict")
     native = [r for r in lines if r["backend"] == "native"]
