@@ -50,7 +50,7 @@ PhaseCallback = Callable[[str, str], None]
 
 
 def _announced(call: Callable[[], None], on_phase: PhaseCallback | None, stage: str,
-               settings: BenchSettings) -> Callable[[], None]:
+               settings: BenchSettings, compiling: bool) -> Callable[[], None]:
     """`call`, announcing each invocation: the first call (where compilation happens), warm-up, timed."""
     if on_phase is None:
         return call
@@ -60,7 +60,7 @@ def _announced(call: Callable[[], None], on_phase: PhaseCallback | None, stage: 
         k = count[0]
         count[0] += 1
         if k == 0:
-            detail = "first call (compiles)"
+            detail = "first call (compiles)" if compiling else "first call"
         elif k <= settings.warmup:
             detail = f"warm-up {k}/{settings.warmup}"
         elif k - settings.warmup <= settings.repeats:
@@ -273,7 +273,7 @@ def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: 
     def run() -> None:
         model(ids)
 
-    call = _announced(run, on_phase, stage or f"prefill {n_tokens}", settings)
+    call = _announced(run, on_phase, stage or f"prefill {n_tokens}", settings, bool(options.compile))
     model.stats.reset()
     first = time_first_call(call, sync)
     m, load = settings.measure(call, sync, model.device)
@@ -335,7 +335,7 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
     def run() -> None:
         model.generate(first_token, new_tokens, state=clone_state(state0))
 
-    call = _announced(run, on_phase, stage, settings)
+    call = _announced(run, on_phase, stage, settings, bool(getattr(model.runtime, "compile", False)))
     first = time_first_call(call, sync)
     m, load = settings.measure(call, sync, model.device)
     steps: list[tuple[int, float]] = []
