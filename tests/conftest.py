@@ -59,6 +59,10 @@ def private_ray(tmp_path_factory):
         shutdown_private_runtime()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Spawned:
     """Processes a test started, each the leader of its own process group (its workers go in it too)."""
 
@@ -67,6 +71,9 @@ class Spawned:
 
     def __call__(self, args: list[str], **kwargs: Any) -> subprocess.Popen:
         kwargs.setdefault("start_new_session", True)
+        # Ctrl-C as from a terminal: a suite started in the background (`cmd &`, nohup) has SIGINT ignored,
+        # and a child would inherit that and never see the interrupt the test sends
+        kwargs.setdefault("preexec_fn", _default_sigint)
         proc = subprocess.Popen(args, **kwargs)
         self.procs.append(proc)
         return proc

@@ -374,6 +374,9 @@ def worker_main(argv: Sequence[str], run_study: Callable[["StudyOptions"], Any] 
     from xlstm_tune.study.worker import _exit_with_parent
 
     _exit_with_parent(os.getppid())
+    # SIGINT is how the launcher asks this worker to put its trial back and stop (stop_group): honour it
+    # even where the launcher runs in the background and this process inherited it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
 
     threads = os.environ.get("OMP_NUM_THREADS")
