@@ -49,14 +49,15 @@ DECODE_CSV_COLUMNS = ("step", "dt_ms", "cum_ms", "inst_tok_s", "avg_tok_s")
 PhaseCallback = Callable[[str, str], None]
 
 
-def _announced(call: Callable[[], None], on_phase: PhaseCallback | None, stage: str,
-               settings: BenchSettings, compiling: bool) -> Callable[[], None]:
-    """`call`, announcing each invocation: the first call (where compilation happens), warm-up, timed."""
+def _announcer(on_phase: PhaseCallback | None, stage: str, settings: BenchSettings,
+               compiling: bool) -> Callable[[], None] | None:
+    """What to run before each call of a measurement (outside its timed interval) to announce it: the
+    first call (where compilation happens), warm-up, timed."""
     if on_phase is None:
-        return call
+        return None
     count = [0]
 
-    def announced() -> None:
+    def announce() -> None:
         k = count[0]
         count[0] += 1
         if k == 0:
@@ -68,9 +69,8 @@ def _announced(call: Callable[[], None], on_phase: PhaseCallback | None, stage: 
         else:  # another round (noisy figures) or a busy machine's re-measurement
             detail = f"timed call {k - settings.warmup} (re-measuring)"
         on_phase(stage, detail)
-        call()
 
-    return announced
+    return announce
 
 
 class PathMismatchError(RuntimeError):
@@ -104,11 +104,12 @@ class BenchSettings:
         return {"warmup": self.warmup, "repeats": self.repeats, "max_cv": self.max_cv, "max_rounds": self.max_rounds,
                 "busy_retries": self.busy_retries, "max_other_cpu": self.max_other_cpu}
 
-    def measure(self, fn: Callable[[], Any], sync: Callable[[], None], device: Any) -> tuple[Measurement, LoadSample]:
+    def measure(self, fn: Callable[[], Any], sync: Callable[[], None], device: Any,
+                before: Callable[[], None] | None = None) -> tuple[Measurement, LoadSample]:
         """`bench.timing.measure` with these settings, re-measured while the machine is busy."""
         m, load, _ = measure_unloaded(
             lambda: measure(fn, sync=sync, warmup=self.warmup, repeats=self.repeats, max_cv=self.max_cv,
-                            max_rounds=self.max_rounds),
+                            max_rounds=self.max_rounds, before=before),
             device=device, max_other_cpu=self.max_other_cpu, retries=self.busy_retries)
         return m, load
 
@@ -270,13 +271,13 @@ def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: 
     n_tokens = int(ids.shape[-1])
     flags = check_prompt(n_tokens, options)
 
-    def run() -> None:
+    def call() -> None:
         model(ids)
 
-    call = _announced(run, on_phase, stage or f"prefill {n_tokens}", settings, bool(options.compile))
+    announce = _announcer(on_phase, stage or f"prefill {n_tokens}", settings, bool(options.compile))
     model.stats.reset()
-    first = time_first_call(call, sync)
-    m, load = settings.measure(call, sync, model.device)
+    first = time_first_call(call, sync, before=announce)
+    m, load = settings.measure(call, sync, model.device, before=announce)
     stats = model.stats.as_dict()
     verify_stats(options, stats, has_mlstm=info.get("has_mlstm", True), has_slstm=info.get("has_slstm", False))
     return PrefillResult(context_len=n_tokens, tokens=int(ids.numel()), **_timing(int(ids.numel()), first, m),
@@ -332,12 +333,12 @@ def bench_decode(model: Any, prompt: Any, new_tokens: int, settings: BenchSettin
     first_token = logits[:, -1:].argmax(-1)
     sync()
 
-    def run() -> None:
+    def call() -> None:
         model.generate(first_token, new_tokens, state=clone_state(state0))
 
-    call = _announced(run, on_phase, stage, settings, bool(getattr(model.runtime, "compile", False)))
-    first = time_first_call(call, sync)
-    m, load = settings.measure(call, sync, model.device)
+    announce = _announcer(on_phase, stage, settings, bool(getattr(model.runtime, "compile", False)))
+    first = time_first_call(call, sync, before=announce)
+    m, load = settings.measure(call, sync, model.device, before=announce)
     steps: list[tuple[int, float]] = []
     tokens: list[int] = []
     if record_steps:

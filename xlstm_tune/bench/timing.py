@@ -42,7 +42,11 @@ class Measurement:
         return out
 
 
-def _timed_call(fn: Callable[[], Any], sync: Callable[[], None], clock: Clock) -> float:
+def _timed_call(fn: Callable[[], Any], sync: Callable[[], None], clock: Clock,
+                before: Callable[[], None] | None = None) -> float:
+    # `before` (e.g. announcing the call) runs outside the timed interval.
+    if before is not None:
+        before()
     # Barrier before each clock read: the first drains work queued before us, the second waits for ours.
     sync()
     start = clock()
@@ -51,13 +55,14 @@ def _timed_call(fn: Callable[[], Any], sync: Callable[[], None], clock: Clock) -
     return clock() - start
 
 
-def time_first_call(fn: Callable[[], Any], sync: Callable[[], None], *, clock: Clock = time.perf_counter) -> float:
+def time_first_call(fn: Callable[[], Any], sync: Callable[[], None], *, clock: Clock = time.perf_counter,
+                    before: Callable[[], None] | None = None) -> float:
     """Seconds taken by one call, meant for the first (compiling) call.
 
     Compilation is kept out of the steady-state figures by warm-up, but users pay it on every fresh
     process, so it is recorded on its own.
     """
-    return _timed_call(fn, sync, clock)
+    return _timed_call(fn, sync, clock, before)
 
 
 def measure(
@@ -69,12 +74,14 @@ def measure(
     max_cv: float = 0.10,
     max_rounds: int = 3,
     clock: Clock = time.perf_counter,
+    before: Callable[[], None] | None = None,
 ) -> Measurement:
     """Time `fn` after `warmup` untimed calls; re-measure while the CV of the durations exceeds `max_cv`.
 
     Each extra round adds `repeats` samples and all samples are kept (the median is robust to the noisy
     ones); after `max_rounds` rounds the measurement is returned with `cv_high=True` rather than looping
     forever on a busy machine. `clock` is injectable for tests; it defaults to `time.perf_counter`.
+    `before()` runs ahead of every call, warm-up included, outside the timed interval.
     """
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
@@ -83,6 +90,8 @@ def measure(
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be >= 1, got {max_rounds}")
     for _ in range(warmup):
+        if before is not None:
+            before()
         fn()
         sync()
     durations: list[float] = []
@@ -90,7 +99,7 @@ def measure(
     summary: Summary | None = None
     while rounds < max_rounds:
         rounds += 1
-        durations.extend(_timed_call(fn, sync, clock) for _ in range(repeats))
+        durations.extend(_timed_call(fn, sync, clock, before) for _ in range(repeats))
         summary = summarize(durations)
         if summary.cv <= max_cv:
             break
