@@ -113,3 +113,31 @@ def test_a_missing_warm_start_source_is_one_line_exit_2(tmp_path: Path, capsys: 
     assert not (tmp_path / "out").exists()
     with pytest.raises(Exception, match="no study there"):
         resolve(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_first_trials_queue_each_configuration_once_in_study_order() -> None:
+    """study.plan.first_trials, which both `study` and the costed replay queue from: the default, then the
+    enqueued entries as given, then warm seeds, each seed skipped where its configuration is already
+    queued or tried."""
+    from xlstm_tune.study.plan import first_trials, params_key
+    from xlstm_tune.study.replay import source_capabilities, source_model_info, source_spec_doc
+    from xlstm_tune.study.space import SearchSpace
+    from xlstm_tune.study.spec import parse_spec
+    from xlstm_tune.study.warm_start import Seed
+
+    src = load_source(str(GRID), GRID.parent)
+    space = SearchSpace.resolve(parse_spec(source_spec_doc(src), "grid"), source_model_info(src),
+                                source_capabilities(src))
+    default = space.params_for(space.default_knobs())
+    assert default is not None
+    others = random.Random().sample([k for k in sorted(src.lookup) if k != params_key(space, default)], 3)
+    a, b, c = (space.params_for(_knobs(src.lookup[k])) for k in others)
+    seeds = [(default, Seed({}, "s-default")), (a, Seed({}, "s-a")), (b, Seed({}, "s-b")),
+             (b, Seed({}, "s-b-again")), (c, Seed({}, "s-c"))]
+    queue = first_trials(space, [a], seeds)
+    assert [attrs for _, attrs in queue] == [{"baseline": True}, {"enqueued": True}, {"origin": "s-b"},
+                                             {"origin": "s-c"}]
+    assert [params_key(space, p) for p, _ in queue] == [params_key(space, default), others[0], others[1], others[2]]
+    # a resumed study queues no default or enqueue entries again, and no seed it has tried
+    again = first_trials(space, [a], seeds, fresh=False, tried=[others[2]])
+    assert [attrs for _, attrs in again] == [{"origin": "s-default"}, {"origin": "s-a"}, {"origin": "s-b"}]

@@ -105,6 +105,35 @@ def enqueue_params(space: SearchSpace, n: int, entry: Mapping[str, Any]) -> dict
     return params
 
 
+def params_key(space: SearchSpace, params: Mapping[str, Any]) -> str:
+    """The configuration a set of sampler params stands for, as a comparable key (study.space.knob_key)."""
+    return knob_key(space.canonical(space.knobs_from_params(dict(params))))
+
+
+def first_trials(space: SearchSpace, enqueued: Sequence[Mapping[str, Any]], warm_seeds: Sequence[tuple[Any, Any]],
+                 *, fresh: bool = True, tried: Sequence[str] = ()) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(sampler params, trial user attrs) a study queues before its sampler draws, in the order they run.
+
+    A fresh study measures the default configuration first (`baseline`: when the space holds it), then its
+    [study] enqueue entries as given; then every warm-start seed (`origin`: where it came from,
+    study.warm_start) whose configuration is none of those and none of `tried` (the knob keys of the
+    trials a resumed or joined study already holds). `study` (study.runner) and the costed replay
+    (study.replay) both queue from here, so a replayed study measures first what a real one does."""
+    out: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    if fresh:
+        default = space.params_for(space.default_knobs())
+        if default is not None:
+            out.append((default, {"baseline": True}))
+        out += [(dict(params), {"enqueued": True}) for params in enqueued]
+    seen = set(tried) | {params_key(space, params) for params, _ in out}
+    for params, seed in warm_seeds:
+        key = params_key(space, params)
+        if key not in seen:
+            seen.add(key)
+            out.append((dict(params), {"origin": seed.origin}))
+    return out
+
+
 def make_plan(o: StudyOptions) -> StudyPlan:
     """Read the spec, probe the device and the model, resolve and check everything (no side effects)."""
     from xlstm_tune.bench.workload import PromptSource, describe_model, device_capabilities

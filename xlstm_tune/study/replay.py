@@ -385,19 +385,16 @@ def study_queue(src: ReplaySource, space: Any, objectives: Sequence[str]) -> lis
     """Sampler params a fresh study over SOURCE's spec measures first, in order, as `study` queues them
     (study.runner): the default (when the space holds it), the spec's [study] enqueue entries, then the
     shipped configuration for the recorded device type (`[study] shipped_config`, study.warm_start)."""
-    from xlstm_tune.study.plan import enqueue_params
+    from xlstm_tune.study.plan import enqueue_params, first_trials
     from xlstm_tune.study.warm_start import plan_seeds
 
     study = _spec_section(src, "study")
-    out: list[dict[str, Any]] = []
-    default = space.params_for(space.default_knobs())
-    if default is not None:
-        out.append(default)
-    out += [enqueue_params(space, n, e) for n, e in enumerate(study.get("enqueue") or [], 1)]
+    enqueued = [enqueue_params(space, n, e) for n, e in enumerate(study.get("enqueue") or [], 1)]
     device_type = str(source_capabilities(src).get("device_type") or "")
+    seeds = []
     if study.get("shipped_config", True) and device_type in ("cpu", "cuda", "mps"):
-        out += [params for params, _ in plan_seeds([], src.trials_path.parent, objectives, space, device_type)[0]]
-    return out
+        seeds = plan_seeds([], src.trials_path.parent, objectives, space, device_type)[0]
+    return [params for params, _ in first_trials(space, enqueued, seeds)]
 
 
 def replay_costed(src: ReplaySource, space: Any, sampler_name: str, seed: int, objectives: Sequence[str],

@@ -48,52 +48,35 @@ __all__ = ["busy_note", "StudyRun", "StudyOptions", "StudyResult", "StudyPlan", 
            "run_study"]
 
 
-def _seed_queue(s: StudySession) -> None:
-    """A fresh study measures the default configuration first, then the spec's [study] enqueue entries
-    (under the storage mutex: of processes starting together, one seeds the queue)."""
+def _queue_first_trials(s: StudySession) -> None:
+    """Queue what the study measures before its sampler draws (study.plan.first_trials): on a fresh study
+    the default and the [study] enqueue entries, then the --warm-start seeds not tried or queued yet.
+    Under the storage mutex: of processes starting together, one queues them."""
+    from xlstm_tune.study.plan import first_trials, params_key
+
     p = s.plan
+    grid = p.sampler_name == "grid"
+    if grid and p.warm_seeds:
+        s.notes.append("--warm-start is not used with the grid sampler: it measures every configuration")
     with s.mutex:  # type: ignore[union-attr]
-        if s.study.get_trials(deepcopy=False):
-            return  # a resumed or joined study has them in its storage
-        if p.sampler_name == "grid" and p.enqueued:
+        trials = s.study.get_trials(deepcopy=False)
+        fresh = not trials  # a resumed or joined study has its first trials in its storage
+        if fresh and grid and p.enqueued:
             s.notes.append("[study] enqueue is not used with the grid sampler: it measures every configuration")
-            return
-        params = p.space.params_for(p.space.default_knobs())
-        if params is not None:
-            s.study.enqueue_trial(params, user_attrs={"baseline": True})
-        else:
+            fresh = False
+        if fresh and p.space.params_for(p.space.default_knobs()) is None:
             s.notes.append("the default configuration is outside the search space: it is measured in the "
                            "confirmation round only")
-        for params in p.enqueued:
-            s.study.enqueue_trial(params, user_attrs={"enqueued": True})
-
-
-def _enqueue_warm_starts(s: StudySession) -> None:
-    """Enqueue the --warm-start seeds this study has not tried or queued yet (study.warm_start)."""
-    from xlstm_tune.study.space import knob_key
-
-    p = s.plan
-    if not p.warm_seeds:
-        return
-    if p.sampler_name == "grid":
-        s.notes.append("--warm-start is not used with the grid sampler: it measures every configuration")
-        return
-    with s.mutex:  # type: ignore[union-attr]
-        tried = set()
-        for t in s.study.get_trials(deepcopy=False):
-            params = t.params or t.system_attrs.get("fixed_params") or {}
+        tried = []
+        for t in trials:
             try:
-                tried.add(knob_key(p.space.canonical(p.space.knobs_from_params(params))))
+                tried.append(params_key(p.space, t.params or t.system_attrs.get("fixed_params") or {}))
             except Exception:  # noqa: BLE001 - a partial param set cannot match a seed
                 continue
-        added = 0
-        for params, seed in p.warm_seeds:
-            key = knob_key(p.space.canonical(p.space.knobs_from_params(params)))
-            if key in tried:
-                continue
-            tried.add(key)
-            s.study.enqueue_trial(params, user_attrs={"origin": seed.origin})
-            added += 1
+        queue = first_trials(p.space, p.enqueued, [] if grid else p.warm_seeds, fresh=fresh, tried=tried)
+        for params, attrs in queue:
+            s.study.enqueue_trial(params, user_attrs=attrs)
+    added = sum(1 for _, attrs in queue if "origin" in attrs)
     if added:
         s.notes.append(f"warm start: {added} configuration(s) enqueued as the first trials "
                        f"({', '.join(sorted({seed.origin.split(' (')[0] for _, seed in p.warm_seeds}))})")
@@ -102,8 +85,7 @@ def _enqueue_warm_starts(s: StudySession) -> None:
 def _run(s: StudySession) -> StudyResult:
     reconcile(s)
     write_meta(s)
-    _seed_queue(s)
-    _enqueue_warm_starts(s)
+    _queue_first_trials(s)
     o = s.plan.opts
     if o.devices or o.ray_address:
         from xlstm_tune.study.fleet import run_fleet
