@@ -78,6 +78,23 @@ def test_prefill_objective_uses_the_contexts_measured_so_far() -> None:
     assert pruning.verdict(limits, {"prefill_tok_s_ctx128": 600.0, "prefill_tok_s_ctx512": 1000.0}) is not None
 
 
+def test_a_figure_taken_on_a_busy_machine_never_prunes() -> None:
+    best = random.uniform(500, 5000)
+    limits = pruning.thresholds([_rec(0, pre={128: best, 512: best})], ["prefill_tok_s"], PruneRule())
+    hopeless = {"prefill_tok_s_ctx128": best / 10}
+    assert pruning.verdict(limits, hopeless) is not None
+    assert pruning.verdict(limits, {**hopeless, "prefill_busy_ctx128": True}) is None
+    assert pruning.verdict(limits, {**hopeless, "prefill_busy_ctx128": False}) is not None
+    # the next stage re-measures the context: once its figure is not busy, the rule applies again
+    full = {**hopeless, "prefill_busy_ctx128": False, "prefill_tok_s_ctx512": best / 10, "prefill_busy_ctx512": False}
+    assert pruning.verdict(limits, full) is not None
+    # the flag travels with the stage's figures, so a replay decides as the worker did
+    kept = pruning.stage_figures({**hopeless, "prefill_busy_ctx128": True, "prefill_other_cpu_frac_ctx128": 0.9})
+    assert kept == {"prefill_tok_s_ctx128": best / 10, "prefill_busy_ctx128": 1.0}
+    assert pruning.verdict(limits, kept) is None
+    assert pruning.stage_figures({**hopeless, "prefill_busy_ctx128": False}) == hopeless
+
+
 def test_nothing_is_pruned_without_a_feasible_measured_trial_or_when_disabled() -> None:
     infeasible = [_rec(0, pre={128: 1000.0}, feasible=False), _rec(1, pre={128: 1e6}, state="PRUNED")]
     assert pruning.thresholds(infeasible, ["prefill_tok_s"], PruneRule()) is None
@@ -141,7 +158,9 @@ def _spec(path: Path, name: str, n_trials: int) -> Path:
         f'enqueue = [{FAST}, {SLOW}]\n'
         '[model]\nname = "tiny"\ndevice = "cpu"\ncompile = false\n'
         '[workload]\ncontext_lens = [128]\nnew_tokens = 4\n'
-        '[bench]\nwarmup = 0\nrepeats = 2\nmax_rounds = 1\n'
+        # max_other_cpu = 1.0: no figure is flagged busy (a busy figure never prunes; that rule has its own
+        # test), so the pruning path is exercised beside a CPU-heavy job too
+        '[bench]\nwarmup = 0\nrepeats = 2\nmax_rounds = 1\nmax_other_cpu = 1.0\n'
         '[fidelity]\nprompt_len = 16\ndecode_steps = 2\n'
         '[trial]\ntimeout_s = 120\n'
         '[confirm]\ntop_k = 1\nrounds = 1\n'

@@ -32,7 +32,7 @@ import csv
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -511,7 +511,8 @@ def run_benchmark(
     pre: list[PrefillResult] = []
     screen: PrefillResult | None = None
     if on_stage is not None and lengths:
-        once = BenchSettings(warmup=0, repeats=1, max_cv=1e9, max_rounds=1)
+        # one call, judged by the same load rule as every other figure (max_other_cpu, busy_retries)
+        once = replace(settings, warmup=0, repeats=1, max_cv=1e9, max_rounds=1)
         screen = bench_prefill(model, ids_for(lengths[0]), once, model_info=model_info, on_phase=on_phase,
                                stage=f"screen at {lengths[0]} tokens")
         if not on_stage("screen", screen):

@@ -10,11 +10,14 @@ with one). So every measurement is bracketed by a `LoadProbe`, which records:
 * `other_cpu_frac`: that time as a fraction of what those CPUs could give in the same wall time;
 * `loadavg_1m` and, on CUDA, the GPU's utilisation, clocks, temperature and power where NVML can be read.
 
-`busy` is `other_cpu_frac > max_other_cpu`. The harness re-measures a busy figure (a bounded number of
+`busy` is `other_cpu_frac > max_other_cpu` (beyond the counters' error, below). The harness re-measures a busy figure (a bounded number of
 times) and flags it `busy_machine` when the load persists; under an overload that a re-measurement cannot
 outwait (load average above PERSISTENT_LOAD_PER_CPU per CPU) it flags at once. The study summary warns
 about flagged figures.
-CPU counters tick at 10 ms on Linux, so a measurement much shorter than that reads as idle.
+CPU counters tick (10 ms on Linux), so over a short measurement `other_cpu_s` is off by up to a tick per
+CPU (and one for our own process): `busy` asks for more than `max_other_cpu` beyond that error
+(`is_busy`), so that a one-call screen on an idle machine is not called busy by rounding, and a
+measurement much shorter than a tick reads as idle.
 """
 from __future__ import annotations
 
@@ -30,6 +33,19 @@ DEFAULT_MAX_OTHER_CPU = 0.25  # other processes may use up to a quarter of our C
 # A 1-minute load average above this many runnable tasks per CPU is an overload that outlasts any
 # re-measurement: the figure is flagged at once instead of being measured again for nothing.
 PERSISTENT_LOAD_PER_CPU = 2.0
+
+
+try:
+    CLOCK_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):
+    CLOCK_TICK_S = 0.01
+
+
+def is_busy(other_cpu_s: float, wall_s: float, cpus: int, max_other_cpu: float,
+            tick_s: float = CLOCK_TICK_S) -> bool:
+    """Other processes took more than `max_other_cpu` of `cpus` CPUs over `wall_s`, beyond the error of
+    the CPU counters (a tick per CPU, one for our own process)."""
+    return other_cpu_s - (cpus + 1) * tick_s > max_other_cpu * wall_s * cpus
 
 
 def _affinity() -> list[int]:
@@ -122,7 +138,8 @@ class LoadProbe:
 
             accel = accelerator_load(self.device)
         self.sample = LoadSample(wall_s=wall, cpus=len(self._cpus), own_cpu_s=own, other_cpu_s=other,
-                                 other_cpu_frac=frac, loadavg_1m=loadavg, busy=frac > self.max_other_cpu,
+                                 other_cpu_frac=frac, loadavg_1m=loadavg,
+                                 busy=is_busy(other, wall, len(self._cpus), self.max_other_cpu),
                                  accelerator=accel)
 
 

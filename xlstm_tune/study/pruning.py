@@ -20,6 +20,12 @@ repeat-to-repeat noise of one sample, which is what the one-repeat screen figure
 objective of a partial measurement is the geometric mean over the contexts measured so far, compared with
 the same contexts of p. Decode is the last stage, so it can only hold a trial's figure, never prune it.
 
+A figure taken on a busy machine never prunes: when the load probe (bench.load) flagged a figure the
+trial has (`prefill_busy_ctx<L>`, `decode_busy`: other processes took more than `[bench] max_other_cpu`
+of our CPUs even after the harness re-measured it), the load rather than the configuration may have made
+it slow, so the trial goes on to its next stage, whose figure replaces the flagged one (the full prefill
+at the screen's context replaces the screen).
+
 A per-trial time limit follows the study as well: `time_limit_s` is `slow_factor` times the median
 duration of the study's measured trials (at least `slow_min_s`); a trial past it stops after its current
 stage and is recorded PRUNED with reason `slow`.
@@ -93,6 +99,11 @@ def _is_ctx_key(key: str) -> bool:
     return key.startswith("prefill_tok_s_ctx") and key.count("_") == 3
 
 
+def _is_busy_flag(key: str) -> bool:
+    """`prefill_busy_ctx<L>` / `decode_busy`: the harness's flag of a figure taken on a busy machine."""
+    return (key.startswith("prefill_busy_ctx") and key.count("_") == 2) or key == "decode_busy"
+
+
 def _point_figure(point: Mapping[str, Any], objective: str, trial_figures: Mapping[str, Any]) -> float | None:
     """A front point's value of `objective`, over the same contexts the trial has figures for."""
     if objective == "prefill_tok_s":
@@ -105,12 +116,15 @@ def _point_figure(point: Mapping[str, Any], objective: str, trial_figures: Mappi
 
 
 def stage_figures(flat: Mapping[str, Any]) -> dict[str, float]:
-    """The figures the rule reads from one stage's flat metrics (prefill_tok_s_ctx<L>, decode_tok_s, their CVs)."""
+    """The figures the rule reads from one stage's flat metrics (prefill_tok_s_ctx<L>, decode_tok_s, their
+    CVs, and 1.0 for a figure flagged busy), so that replay applies the rule as the worker did."""
     keep = {}
     for k, v in flat.items():
         base = k[:-3] if k.endswith("_cv") else k
         if (_is_ctx_key(base) or base == "decode_tok_s") and _num(v) is not None:
             keep[k] = float(v)
+        elif _is_busy_flag(k) and v:
+            keep[k] = 1.0
     return keep
 
 
@@ -181,6 +195,8 @@ def verdict(limits: Mapping[str, Any] | None, figures: Mapping[str, Any]) -> str
     """Why a trial with these (partial) figures is hopeless, or None when it may go on. See the module docstring."""
     if not limits or not limits.get("front"):
         return None
+    if any(v and _is_busy_flag(k) for k, v in figures.items()):
+        return None  # taken on a busy machine: the next stage measures it again (module docstring)
     objectives = list(limits["objectives"])
     mine = {o: objective_figure(figures, o) for o in objectives}
     measured = [o for o in objectives if mine[o] is not None]
