@@ -19,6 +19,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child `python -m xlstm_tune`: this checkout first on PYTHONPATH, ahead of
+    (not instead of) what the parent's PYTHONPATH holds, e.g. packages installed with `pip --target`."""
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test (reported in assertion messages so a failure can be replayed)."""

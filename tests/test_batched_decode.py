@@ -3,7 +3,6 @@ benchmark counts B x steps tokens and says which batch it measured."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import child_env, rel_err
 from xlstm_tune import RuntimeOptions, load_model
 from xlstm_tune.bench.harness import decode_step_rows
 from xlstm_tune.bench.workload import PromptSource, prompt_ids
@@ -70,7 +69,7 @@ def test_spec_batch_size_is_read_and_checked() -> None:
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     return subprocess.run([sys.executable, "-m", "xlstm_tune", "bench", "--model", "tiny", "--device", "cpu",
                            "--no-compile", "--decode-mode", "eager", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -103,7 +102,7 @@ def test_study_decodes_workload_batch_size_sequences_per_trial(tmp_path: Path) -
         '[bench]\nrepeats = 1\nwarmup = 0\nmax_rounds = 1\n[fidelity]\nprompt_len = 16\ndecode_steps = 2\n'
         '[confirm]\nrounds = 1\ntop_k = 1\n[quality]\njudge = "none"\nperplexity = false\n'
         '[space]\nbackend = ["native"]\nchunk_size = [16]\n')
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "xlstm_tune", "study", "--experiment", str(spec), "--out-dir",
                            str(tmp_path / "out"), "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -25,6 +25,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("mlflow")
 
+from conftest import child_env  # noqa: E402
 from test_study_replay import make_source  # noqa: E402
 
 from xlstm_tune.errors import DeviceUnavailableError, UserError  # noqa: E402
@@ -32,12 +33,12 @@ from xlstm_tune.runtime.device import isolated_device, worker_devices  # noqa: E
 from xlstm_tune.study.fleet import RayFleet, plan_local  # noqa: E402
 from xlstm_tune.tracking.mlflow_log import StudyTracker  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLSTM_TUNE_INJECT_FAULT"}
-    return {**env, "PYTHONPATH": str(ROOT), **extra}
+    env = child_env()
+    env.pop("XLSTM_TUNE_INJECT_FAULT", None)
+    return {**env, **extra}
 
 
 def _study(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
