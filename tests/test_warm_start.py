@@ -141,3 +141,40 @@ def test_first_trials_queue_each_configuration_once_in_study_order() -> None:
     # a resumed study queues no default or enqueue entries again, and no seed it has tried
     again = first_trials(space, [a], seeds, fresh=False, tried=[others[2]])
     assert [attrs for _, attrs in again] == [{"origin": "s-default"}, {"origin": "s-a"}, {"origin": "s-b"}]
+
+
+def test_a_stop_while_a_queued_trial_is_being_sampled_puts_it_back(tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C can arrive after Optuna hands out a trial and before its parameters are all sampled (a
+    launcher stopping its workers does exactly that): the process records the trial itself, FAIL
+    `interrupted` in Optuna and trials.jsonl, and queues the configuration again; resuming finishes."""
+    from xlstm_tune.study.space import SearchSpace
+
+    out = tmp_path / "out"
+    real_suggest = SearchSpace.suggest
+    stopped: list[int] = []
+
+    def suggest_then_stop(self, trial):  # the first knob sampled, then the signal's KeyboardInterrupt
+        if trial.number == 1 and not stopped:
+            stopped.append(trial.number)
+            self._suggest(trial, "backend")
+            raise KeyboardInterrupt
+        return real_suggest(self, trial)
+
+    monkeypatch.setattr(SearchSpace, "suggest", suggest_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, "stop", [], n_trials=3)
+    trials = _trials(out, "stop")
+    assert stopped == [1] and not [t for t in trials if t.state.name == "RUNNING"]
+    first = trials[1]  # the shipped configs/cpu.toml, queued right after the default
+    fixed = first.system_attrs["fixed_params"]
+    assert first.user_attrs.get("origin") == "shipped configs/cpu.toml" and len(first.params) == 1
+    assert first.state.name == "FAIL" and first.user_attrs["record"]["failure_reason"] == "interrupted"
+    (again,) = [t for t in trials if t.user_attrs.get("requeued_from") == 1]
+    assert again.state.name == "WAITING" and again.system_attrs["fixed_params"] == fixed
+    lines = StudyFiles.for_study(out, "stop").read_trials()
+    assert [r["failure_reason"] for r in lines if r["number"] == 1] == ["interrupted"]
+    monkeypatch.setattr(SearchSpace, "suggest", real_suggest)
+    res = _run(out, "stop", [], n_trials=3)
+    assert len([r for r in res.records if r["state"] == "COMPLETE"]) == 3
+    measured = _trials(out, "stop")[again.number]
+    assert measured.state.name == "COMPLETE" and measured.params == fixed  # the whole configuration, measured
