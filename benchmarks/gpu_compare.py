@@ -50,6 +50,8 @@ OUR_CONFIGS = {
                                 _env={"XLSTM_FUSED_DECODE": "0", "XLSTM_TRITON_GEMV": "0"}),  # A/B: framework GEMM in decode
     "native-c128-unfused": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
                                 _env={"XLSTM_FUSED_DECODE": "0"}),  # A/B: captured compiled step, Triton GEMV
+    "native-c128-no-pdl": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
+                               _env={"XLSTM_DECODE_PDL": "0"}),  # A/B: decode kernels without dependent launch
     "native-c128-ieee-cell": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
                                   _env={"XLSTM_TF32_CELL": "0"}),  # A/B: float32 cell products without TF32
     "native-compiled-decode": dict(backend="native", chunk_size=64, compile=True, decode_mode="compiled"),

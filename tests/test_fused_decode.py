@@ -112,8 +112,10 @@ def _cell_case(kernels, heads, qk, v, batch):
                                     soft_cap(i, 15.0).reshape(b, heads, 1), soft_cap(f, 15.0).reshape(b, heads, 1), state)
     got_state = tuple(t.clone() for t in state)
     h = torch.empty(*rows, heads * v, device=DEVICE)
+    sync = kernels.cell_sync_buffer(b, heads, DEVICE)
     kernels.mlstm_decode_cell(proj, (heads * qk, heads * qk, heads * v, heads * v, heads, heads), heads, got_state,
-                              torch.empty(4 * heads * b, device=DEVICE), h, 15.0, EPS)
+                              sync, h, 15.0, EPS)
+    assert not sync.any(), "the cell kernel leaves its counters at zero for the next step"
     return (h, want_h.reshape(h.shape)), list(zip(got_state, want_state))
 
 

@@ -109,6 +109,7 @@ _SWITCH_FLAGS = {
     "tf32_cell": "TF32 float32 cell products of bf16/fp16 models on CUDA (XLSTM_TF32_CELL)",
     "fused_decode": "fused batch-1 decode kernels on CUDA (XLSTM_FUSED_DECODE)",
     "triton_gemv": "Triton batch-1 GEMV on CUDA (XLSTM_TRITON_GEMV)",
+    "decode_pdl": "dependent launch of the fused decode kernels on Hopper+ CUDA (XLSTM_DECODE_PDL)",
 }
 
 

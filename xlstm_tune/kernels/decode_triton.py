@@ -1,4 +1,4 @@
-"""Fused decode kernels (Triton): six launches per mLSTM block instead of a dozen, at batch 1 to 16.
+"""Fused decode kernels (Triton): five launches per mLSTM block instead of a dozen, at batch 1 to 16.
 
 At batch 1 a decode step reads every weight once, so its floor is weight bytes / memory bandwidth;
 what it costs beyond that is launches and the small elementwise kernels between the matrix-vector
@@ -7,8 +7,8 @@ products. These kernels fold that elementwise work into the products' prologues 
     fused_gemv    y = W @ prologue(x) (+ bias), then an epilogue
                   prologue: none | RMS norm | per-head layer norm times sigmoid(output gate)
                   epilogue: none | + residual | SwiGLU pair silu(W_g x) * (W_u x) | soft cap
-    mlstm_gates   per head and row: gate soft caps, max-state m, n, the read-out denominator (in place)
-    mlstm_state   per head, value tile and row: C in place and h = q^T C / denominator
+    mlstm_cell    per head, value tile and row: gate soft caps, max-state m, n and the read-out denominator,
+                  C in place and h = q^T C / denominator (n and m in place by the head's last program)
 
 For B > 1 rows the products run as a small-M GEMM (`_fused_rows_kernel`): each program reads its weight
 tile once and applies it to all B rows (up to 16 per program, tensor-core `tl.dot`), so a step still
@@ -21,6 +21,7 @@ before their product, as the plain step's linear rounds its input; the sums stay
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,6 +52,31 @@ ROWS_PER_PROGRAM = 16  # batch rows one program of the rows kernel applies its w
 MAX_FUSED_BATCH = 16  # the fused step's batch range: beyond it, weight tiles would be read once per 16 rows
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _pdl(t: Tensor) -> bool:
+    """Whether to launch with programmatic dependent launch (Hopper and newer; XLSTM_DECODE_PDL=0: off).
+
+    A decode step is a chain of small kernels, each a few microseconds of weight reads: launched this way a
+    kernel is scheduled while the one before drains, so the gap between them shrinks. Every kernel then
+    waits (`_wait_for_prior`) before it touches anything another kernel writes.
+    """
+    return (not _INTERPRETED and t.is_cuda and os.environ.get("XLSTM_DECODE_PDL", "1").strip() != "0"
+            and _hopper_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device()))
+
+
+@triton.jit
+def _wait_for_prior(PDL: tl.constexpr):
+    """Under programmatic dependent launch: wait until the kernel before has finished and its writes are
+    visible, then let the next kernel launch (it waits the same way). Called before any load or store."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.jit
 def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
@@ -64,11 +90,12 @@ def _tanh(x):
 @triton.jit
 def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_ptr, N, K: tl.constexpr, stride_wn, eps, cap,
                        PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PDL: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    _wait_for_prior(PDL)
     if PROLOGUE == 2:
         # Per-head mean and 1/std of the cell output, two-pass as in the eager layer norm. Every program
         # recomputes them (the vector is a few KB, read from cache) instead of paying another launch.
@@ -146,14 +173,16 @@ def _rows_dot(x, w, IEEE: tl.constexpr, HALF_MMA: tl.constexpr):
 def _fused_rows_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, B, N, K: tl.constexpr,
                        stride_x, stride_y, stride_res, stride_wn, eps, cap,
                        PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                       HALF_MMA: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       HALF_MMA: tl.constexpr, PDL: tl.constexpr, BLOCK_B: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Y[b] = epilogue(W @ prologue(X[b])) for the rows b of one group of BLOCK_B: W's tile is loaded once
     per k step and multiplied with every row of the group (tl.dot of [BLOCK_B, BLOCK_K] x [BLOCK_K, BLOCK_N])."""
     pid = tl.program_id(0)
-    bs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = bs < B
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    _wait_for_prior(PDL)
+    bs = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = bs < B
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     sumsq = tl.zeros((BLOCK_B,), dtype=tl.float32)
@@ -193,8 +222,9 @@ def _fused_rows_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, B, N,
 
 @triton.jit
 def _head_norm_gate_kernel(h_ptr, gate_ptr, norm_w_ptr, out_ptr, stride_h, stride_gate, stride_out, eps,
-                           HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PDL: tl.constexpr):
     """out[b, head] = sigmoid(gate) * layer_norm(h[b, head]) * norm_weight: the head-norm prologue of B > 1."""
+    _wait_for_prior(PDL)
     b = tl.program_id(0)
     cols = tl.program_id(1) * HEAD_DIM + tl.arange(0, HEAD_DIM_P2)
     ok = tl.arange(0, HEAD_DIM_P2) < HEAD_DIM
@@ -227,9 +257,10 @@ def _fused_rows(x: Tensor, weight: Tensor, out: Tensor, N: int, bias: Tensor | N
         if not _row_major(gate) or gate.shape != (B, K):
             raise ValueError("fused_gemv head_norm with rows needs a gate [B, K], each row contiguous")
         normed = torch.empty(B, K, dtype=torch.float32, device=x.device)
+        pdl = _pdl(x)
         _head_norm_gate_kernel[(B, K // head_dim)](x, gate, nw, normed, x.stride(0), gate.stride(0), normed.stride(0),
                                                    float(eps), HEAD_DIM=head_dim,
-                                                   HEAD_DIM_P2=triton.next_power_of_2(head_dim))
+                                                   HEAD_DIM_P2=triton.next_power_of_2(head_dim), PDL=pdl, launch_pdl=pdl)
         x = normed
     if residual is not None:
         epilogue = EPI_RESIDUAL
@@ -238,11 +269,12 @@ def _fused_rows(x: Tensor, weight: Tensor, out: Tensor, N: int, bias: Tensor | N
     elif soft_cap is not None:
         epilogue = EPI_SOFT_CAP
     res = residual if residual is not None else out
+    pdl = _pdl(x)
     _fused_rows_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(B, ROWS_PER_PROGRAM))](
         x, weight, out, bias if bias is not None else x, res, norm_w, B, N, K,
         x.stride(0), out.stride(0), res.stride(0), weight.stride(0), float(eps), float(soft_cap or 1.0),
         PROLOGUE=prologue, EPILOGUE=epilogue, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
-        HALF_MMA=not _INTERPRETED, BLOCK_B=ROWS_PER_PROGRAM,
+        HALF_MMA=not _INTERPRETED, PDL=pdl, BLOCK_B=ROWS_PER_PROGRAM, launch_pdl=pdl,
     )
     return out
 
@@ -283,26 +315,39 @@ def fused_gemv(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = 
     elif soft_cap is not None:
         epilogue = EPI_SOFT_CAP
     heads = K // head_dim
+    pdl = _pdl(x)
     _fused_gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
         x, weight, out, bias if bias is not None else x, residual if residual is not None else x, norm_w, gate,
         N, K, weight.stride(0), float(eps), float(soft_cap or 1.0),
         PROLOGUE=prologue, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
         HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM_P2=triton.next_power_of_2(head_dim),
+        PDL=pdl, launch_pdl=pdl,
     )
     return out
 
 
 @triton.jit
-def _mlstm_gates_kernel(proj_ptr, n_ptr, m_ptr, scal_ptr, q_off, k_off, i_off, f_off, cap, scale, eps, stride_proj,
-                        H: tl.constexpr, QK: tl.constexpr, QK_P2: tl.constexpr, HAS_CAP: tl.constexpr):
+def _mlstm_cell_kernel(proj_ptr, c_ptr, n_ptr, m_ptr, sync_ptr, h_ptr, q_off, k_off, v_off, i_off, f_off, cap, scale, eps,
+                       stride_proj, H: tl.constexpr, QK: tl.constexpr, QK_P2: tl.constexpr, V: tl.constexpr,
+                       BLOCK_QK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr, PDL: tl.constexpr):
+    """One (head, value tile, row): the gates, C's tile in place and h's tile = q^T C / denominator.
+
+    Every program of a head recomputes the head's gates, n and denominator (a few hundred floats, from
+    cache) instead of a separate gate kernel handing them over: one launch per block fewer. n and m are
+    rewritten in place, so only the head's last program to arrive writes them, after every other program
+    of the head has read the old values (an acquire-release counter per row and head, reset to 0 by that
+    last program for the next step).
+    """
     hd = tl.program_id(0)  # head within the row: indexes the row's projection
-    row = tl.program_id(1)  # batch row
-    rh = row * H + hd  # (row, head): indexes n, m and the scratch
+    row = tl.program_id(2)  # batch row
+    rh = row * H + hd  # (row, head): indexes C, n, m, the counters and h
+    vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    _wait_for_prior(PDL)
     proj_ptr += row * stride_proj
     d = tl.arange(0, QK_P2)
     ok = d < QK
-    q = tl.load(proj_ptr + q_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32) * scale
-    k = tl.load(proj_ptr + k_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32)
+    q_all = tl.load(proj_ptr + q_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32) * scale
+    k_all = tl.load(proj_ptr + k_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32)
     i = tl.load(proj_ptr + i_off + hd).to(tl.float32)
     f = tl.load(proj_ptr + f_off + hd).to(tl.float32)
     if HAS_CAP:
@@ -313,28 +358,11 @@ def _mlstm_gates_kernel(proj_ptr, n_ptr, m_ptr, scal_ptr, q_off, k_off, i_off, f
     m_new = tl.maximum(log_f + m_old, i)
     f_act = tl.exp(log_f + m_old - m_new)
     i_act = tl.exp(i - m_new)
-    n = f_act * tl.load(n_ptr + rh * QK + d, mask=ok, other=0.0) + i_act * k
-    tl.store(n_ptr + rh * QK + d, n, mask=ok)
-    tl.store(m_ptr + rh, m_new)
-    denom = tl.maximum(tl.abs(tl.sum(q * n, axis=0)), tl.exp(-m_new)) + eps
-    tl.store(scal_ptr + rh * 4 + 0, f_act)
-    tl.store(scal_ptr + rh * 4 + 1, i_act)
-    tl.store(scal_ptr + rh * 4 + 2, denom)
+    n = f_act * tl.load(n_ptr + rh * QK + d, mask=ok, other=0.0) + i_act * k_all
+    denom = tl.maximum(tl.abs(tl.sum(q_all * n, axis=0)), tl.exp(-m_new)) + eps
 
-
-@triton.jit
-def _mlstm_state_kernel(proj_ptr, c_ptr, scal_ptr, h_ptr, q_off, k_off, v_off, scale, stride_proj,
-                        H: tl.constexpr, QK: tl.constexpr, V: tl.constexpr, BLOCK_QK: tl.constexpr, BLOCK_V: tl.constexpr):
-    hd = tl.program_id(0)  # head within the row: indexes the row's projection
-    row = tl.program_id(2)  # batch row
-    rh = row * H + hd  # (row, head): indexes C, the scratch and h
-    proj_ptr += row * stride_proj
-    vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     v_ok = vcols < V
     v = tl.load(proj_ptr + v_off + hd * V + vcols, mask=v_ok, other=0.0).to(tl.float32)
-    f_act = tl.load(scal_ptr + rh * 4 + 0)
-    i_act = tl.load(scal_ptr + rh * 4 + 1)
-    denom = tl.load(scal_ptr + rh * 4 + 2)
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for k0 in range(0, QK, BLOCK_QK):
         kr = k0 + tl.arange(0, BLOCK_QK)
@@ -348,37 +376,48 @@ def _mlstm_state_kernel(proj_ptr, c_ptr, scal_ptr, h_ptr, q_off, k_off, v_off, s
         acc += tl.sum(q[:, None] * c, axis=0)
     tl.store(h_ptr + rh * V + vcols, acc / denom, mask=v_ok)
 
+    arrived = tl.atomic_add(sync_ptr + rh, 1, sem="acq_rel")  # after this program's reads of n and m
+    if arrived == tl.num_programs(1) - 1:
+        tl.store(n_ptr + rh * QK + d, n, mask=ok)
+        tl.store(m_ptr + rh, m_new)
+        tl.store(sync_ptr + rh, 0)
+
+
+def cell_sync_buffer(batch: int, heads: int, device: torch.device | str) -> Tensor:
+    """The per-(row, head) counters `mlstm_decode_cell` needs: zeros, and left at zero by every call."""
+    return torch.zeros(batch * heads, dtype=torch.int32, device=device)
+
 
 def mlstm_decode_cell(proj: Tensor, splits: tuple[int, ...], heads: int, state: tuple[Tensor, Tensor, Tensor],
-                      scratch: Tensor, h_out: Tensor, cap: float | None, eps: float) -> Tensor:
+                      sync: Tensor, h_out: Tensor, cap: float | None, eps: float) -> Tensor:
     """One mLSTM step for B rows from the fused projection `proj` = [q | k | v | o | i | f] (float32; [P]
-    for batch 1 or [B, P], each row contiguous).
+    for batch 1 or [B, P], each row contiguous), in one launch.
 
     Updates the state (C [B,H,QK,V], n [B,H,QK], m [B,H,1], float32, contiguous) in place and writes
-    the un-normalised cell output h ([H*V] or [B, H*V], contiguous) into `h_out`. `scratch` holds 4
-    floats per row and head.
+    the un-normalised cell output h ([H*V] or [B, H*V], contiguous) into `h_out`. `sync` is
+    `cell_sync_buffer(B, heads)` (int32 zeros, one counter per row and head), reused across calls.
     """
     c, n, m = state
     if not (c.is_contiguous() and n.is_contiguous() and m.is_contiguous() and c.dtype == torch.float32):
         raise ValueError("mlstm_decode_cell needs contiguous float32 state")
     batch = c.shape[0]
     proj2 = proj.view(1, -1) if proj.ndim == 1 else proj
-    if proj2.shape[0] != batch or proj2.stride(-1) != 1 or not h_out.is_contiguous() or scratch.numel() < 4 * batch * heads:
-        raise ValueError("mlstm_decode_cell needs one projection row per state row, a contiguous h_out and "
-                         "4 scratch floats per row and head")
+    if proj2.shape[0] != batch or proj2.stride(-1) != 1 or not h_out.is_contiguous():
+        raise ValueError("mlstm_decode_cell needs one projection row per state row and a contiguous h_out")
+    if sync.dtype != torch.int32 or sync.numel() != batch * heads:
+        raise ValueError("mlstm_decode_cell needs sync = cell_sync_buffer(rows, heads)")
     qk_total, _, v_total = splits[0], splits[1], splits[2]
     qk, v = qk_total // heads, v_total // heads
     q_off, k_off, v_off = 0, qk_total, 2 * qk_total
     i_off = 2 * qk_total + 2 * v_total
     f_off = i_off + heads
-    scale = qk ** -0.5
-    _mlstm_gates_kernel[(heads, batch)](proj2, n, m, scratch, q_off, k_off, i_off, f_off, float(cap or 1.0), scale, eps,
-                                        proj2.stride(0), H=heads, QK=qk, QK_P2=triton.next_power_of_2(qk),
-                                        HAS_CAP=cap is not None)
     # About 128 programs over the state: enough to spread its read and write over the chip.
     block_v = max(16, min(64, triton.next_power_of_2(max(1, batch * heads * v // 128))))
     block_v = min(block_v, triton.next_power_of_2(v))
-    _mlstm_state_kernel[(heads, triton.cdiv(v, block_v), batch)](
-        proj2, c, scratch, h_out, q_off, k_off, v_off, scale, proj2.stride(0),
-        H=heads, QK=qk, V=v, BLOCK_QK=min(64, triton.next_power_of_2(qk)), BLOCK_V=block_v)
+    pdl = _pdl(proj)
+    _mlstm_cell_kernel[(heads, triton.cdiv(v, block_v), batch)](
+        proj2, c, n, m, sync, h_out, q_off, k_off, v_off, i_off, f_off, float(cap or 1.0), qk ** -0.5, eps,
+        proj2.stride(0), H=heads, QK=qk, QK_P2=triton.next_power_of_2(qk), V=v,
+        BLOCK_QK=min(64, triton.next_power_of_2(qk)), BLOCK_V=block_v, HAS_CAP=cap is not None, PDL=pdl,
+        launch_pdl=pdl)
     return h_out

@@ -1,7 +1,7 @@
 """Decode step of batch 1..16 on the fused decode kernels, updating the state in place (what `graph` captures).
 
-Per mLSTM block: RMS norm + q|k|v|o|i|f product, gates, state update and read-out, head norm + output
-gate + out projection + residual, RMS norm + SwiGLU product, down projection + residual -- six
+Per mLSTM block: RMS norm + q|k|v|o|i|f product, gates + state update + read-out, head norm + output
+gate + out projection + residual, RMS norm + SwiGLU product, down projection + residual -- five
 launches. sLSTM blocks run their plain step. Intermediates live in buffers owned by the step, so a
 captured graph replays with no allocation; the residual stream alternates between two buffers so no
 kernel reads what it writes. Each batch size has its own buffers (made on its first step).
@@ -31,7 +31,7 @@ class _Buffers:
 
     x: tuple[Tensor, Tensor]  # the residual stream, alternating so no kernel reads what it writes
     proj: Tensor
-    scratch: Tensor
+    cell_sync: Tensor  # the cell kernel's per-(row, head) counters, zero between steps
     h: Tensor
     z: Tensor
     logits: Tensor
@@ -62,7 +62,7 @@ class FusedDecodeStep:
             self._buffers[batch] = _Buffers(
                 x=(torch.empty(batch, cfg.hidden_size, **act), torch.empty(batch, cfg.hidden_size, **act)),
                 proj=torch.empty(batch, 2 * cfg.qk_dim + 2 * cfg.v_dim + 2 * cfg.num_heads, **f32),
-                scratch=torch.empty(batch * cfg.num_heads * 4, **f32),
+                cell_sync=self.k.cell_sync_buffer(batch, cfg.num_heads, w.device),
                 h=torch.empty(batch, cfg.v_dim, **f32),
                 z=torch.empty(batch, cfg.ffn_dim, **act),
                 logits=torch.empty(batch, cfg.vocab_size, **f32))
@@ -89,7 +89,7 @@ class FusedDecodeStep:
             norm, mh, fn = block.norm_mlstm, layer.multihead_norm, block.norm_ffn
             splits = layer.splits
             k.fused_gemv(xa, layer.in_weight, buf.proj, bias=layer.in_bias, rms_weight=norm.weight, eps=norm.eps)
-            k.mlstm_decode_cell(buf.proj, splits, cfg.num_heads, block_state, buf.scratch, buf.h, cfg.gate_soft_cap,
+            k.mlstm_decode_cell(buf.proj, splits, cfg.num_heads, block_state, buf.cell_sync, buf.h, cfg.gate_soft_cap,
                                 eps=EPS)
             o_gate = buf.proj[:, 2 * splits[0] + splits[2]:2 * splits[0] + 2 * splits[2]]
             k.fused_gemv(buf.h, layer.out_proj.weight, xb, bias=layer.out_proj.bias, residual=xa,

@@ -2,7 +2,7 @@
 
 The knobs (`RuntimeOptions`) say how the model schedules its work; these say how the process around it
 is set up: the weight dtype, torch's intra-op and inter-op thread counts, and the CUDA kernel switches
-(TF32 cell products, fused batch-1 decode kernels, Triton GEMV). A measurement is only reproducible when
+(TF32 cell products, fused batch-1 decode kernels, Triton GEMV, dependent launch of the decode kernels). A measurement is only reproducible when
 all of them are the same, so the study records them, best.json carries them and `run`, `bench` and
 `RuntimeOptions.from_best` apply them (docs/DESIGN.md §6a "best.json is what was measured").
 
@@ -24,7 +24,7 @@ from xlstm_tune.errors import UserError
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
 
-# Setting -> environment variable. The three switches are read by runtime/device.py at call time.
+# Setting -> environment variable. The switches are read at call time (runtime/device.py, kernels/decode_triton.py).
 SETTING_ENV_VARS = {
     "dtype": "XLSTM_DTYPE",
     "threads": "XLSTM_THREADS",
@@ -32,8 +32,9 @@ SETTING_ENV_VARS = {
     "tf32_cell": "XLSTM_TF32_CELL",
     "fused_decode": "XLSTM_FUSED_DECODE",
     "triton_gemv": "XLSTM_TRITON_GEMV",
+    "decode_pdl": "XLSTM_DECODE_PDL",
 }
-_SWITCHES = ("tf32_cell", "fused_decode", "triton_gemv")
+_SWITCHES = ("tf32_cell", "fused_decode", "triton_gemv", "decode_pdl")
 
 
 def normalize_dtype(value: Any, where: str = "dtype") -> str:
@@ -72,6 +73,7 @@ class RuntimeSettings:
     tf32_cell: TF32 for the float32 cell products of bf16/fp16 models on CUDA (XLSTM_TF32_CELL).
     fused_decode: the fused batch-1 decode kernels on CUDA (XLSTM_FUSED_DECODE).
     triton_gemv: the Triton batch-1 GEMV on CUDA (XLSTM_TRITON_GEMV).
+    decode_pdl: programmatic dependent launch of the fused decode kernels on Hopper and newer (XLSTM_DECODE_PDL).
     """
 
     dtype: str | None = None
@@ -80,6 +82,7 @@ class RuntimeSettings:
     tf32_cell: bool = True
     fused_decode: bool = True
     triton_gemv: bool = True
+    decode_pdl: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
