@@ -81,7 +81,7 @@ def test_replay_measures_what_the_study_measures_first_and_early_stopping_then_n
     queue = study_queue(src, space, OBJECTIVES)
     # the 350M default lies outside this space; the shipped CUDA configuration is measured first
     assert space.params_for(space.default_knobs()) is None and len(queue) == 1
-    first = knob_key(space.canonical(space.knobs_from_params(queue[0])))
+    first = space.params_key(queue[0])
     assert first in src.lookup and "backend=native" in first
     rule = PruneRule.from_spec(spec.pruning)
     events = replay_costed(src, space, "random", random.randrange(1000), OBJECTIVES, rule, max_trials=30,

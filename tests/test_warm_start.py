@@ -119,7 +119,7 @@ def test_first_trials_queue_each_configuration_once_in_study_order() -> None:
     """study.plan.first_trials, which both `study` and the costed replay queue from: the default, then the
     enqueued entries as given, then warm seeds, each seed skipped where its configuration is already
     queued or tried."""
-    from xlstm_tune.study.plan import first_trials, params_key
+    from xlstm_tune.study.plan import first_trials
     from xlstm_tune.study.replay import source_capabilities, source_model_info, source_spec_doc
     from xlstm_tune.study.space import SearchSpace
     from xlstm_tune.study.spec import parse_spec
@@ -130,14 +130,14 @@ def test_first_trials_queue_each_configuration_once_in_study_order() -> None:
                                 source_capabilities(src))
     default = space.params_for(space.default_knobs())
     assert default is not None
-    others = random.Random().sample([k for k in sorted(src.lookup) if k != params_key(space, default)], 3)
+    others = random.Random().sample([k for k in sorted(src.lookup) if k != space.params_key(default)], 3)
     a, b, c = (space.params_for(_knobs(src.lookup[k])) for k in others)
     seeds = [(default, Seed({}, "s-default")), (a, Seed({}, "s-a")), (b, Seed({}, "s-b")),
              (b, Seed({}, "s-b-again")), (c, Seed({}, "s-c"))]
     queue = first_trials(space, [a], seeds)
     assert [attrs for _, attrs in queue] == [{"baseline": True}, {"enqueued": True}, {"origin": "s-b"},
                                              {"origin": "s-c"}]
-    assert [params_key(space, p) for p, _ in queue] == [params_key(space, default), others[0], others[1], others[2]]
+    assert [space.params_key(p) for p, _ in queue] == [space.params_key(default), others[0], others[1], others[2]]
     # a resumed study queues no default or enqueue entries again, and no seed it has tried
     again = first_trials(space, [a], seeds, fresh=False, tried=[others[2]])
     assert [attrs for _, attrs in again] == [{"origin": "s-default"}, {"origin": "s-a"}, {"origin": "s-b"}]
@@ -178,3 +178,32 @@ def test_a_stop_while_a_queued_trial_is_being_sampled_puts_it_back(tmp_path: Pat
     assert len([r for r in res.records if r["state"] == "COMPLETE"]) == 3
     measured = _trials(out, "stop")[again.number]
     assert measured.state.name == "COMPLETE" and measured.params == fixed  # the whole configuration, measured
+
+
+def test_requeue_queues_a_stopped_configuration_once(tmp_path: Path) -> None:
+    """Putting a stopped queued trial back adds its configuration unless the same one is already waiting
+    (a warm start and an enqueue entry can name the same configuration): never a second copy."""
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    from xlstm_tune.study.ownership import requeue
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'q.db'}", directions=["maximize", "maximize"])
+    chosen = {"backend": "native", "chunk_size": random.choice([16, 32, 64, 128])}
+    study.enqueue_trial(chosen)
+    study.enqueue_trial(chosen)
+    stopped = study.ask()
+    stopped.suggest_categorical("backend", ["native", "queued"])  # stopped before chunk_size was suggested
+    frozen = study._storage.get_trial(stopped._trial_id)
+    session = SimpleNamespace(study=study)
+
+    def waiting() -> list:
+        return study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+    requeue(session, frozen, dict(frozen.system_attrs["fixed_params"]))
+    assert len(waiting()) == 1  # the second copy enqueued above is already waiting
+    study.ask()  # that copy is taken
+    requeue(session, frozen, dict(frozen.system_attrs["fixed_params"]))
+    (again,) = waiting()
+    assert again.system_attrs["fixed_params"] == chosen and again.user_attrs["requeued_from"] == frozen.number

@@ -21,17 +21,19 @@ from xlstm_tune.study.session import StudySession
 from xlstm_tune.study.views import interrupted_record, record_of, stored_record
 
 
-def requeue(s: StudySession, t: Any) -> None:
+def requeue(s: StudySession, t: Any, params: dict[str, Any] | None = None) -> None:
     """Enqueue a trial's params again (this process's own trial, stopped by Ctrl-C) unless an identical
-    one is already waiting."""
+    one is already waiting. `params` (default: the trial's own) names what to queue, e.g. a queued trial's
+    fixed params when it was stopped before all of them were suggested."""
     from optuna.trial import TrialState
 
-    if not t.params:
+    params = t.params if params is None else params
+    if not params:
         return
     for w in s.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        if w.system_attrs.get("fixed_params") == t.params or w.params == t.params:
+        if w.system_attrs.get("fixed_params") == params or w.params == params:
             return
-    s.study.enqueue_trial(dict(t.params), user_attrs={"requeued_from": t.number})
+    s.study.enqueue_trial(dict(params), user_attrs={"requeued_from": t.number})
 
 
 def reap_stale(s: StudySession) -> list[int]:

@@ -105,11 +105,6 @@ def enqueue_params(space: SearchSpace, n: int, entry: Mapping[str, Any]) -> dict
     return params
 
 
-def params_key(space: SearchSpace, params: Mapping[str, Any]) -> str:
-    """The configuration a set of sampler params stands for, as a comparable key (study.space.knob_key)."""
-    return knob_key(space.canonical(space.knobs_from_params(dict(params))))
-
-
 def first_trials(space: SearchSpace, enqueued: Sequence[Mapping[str, Any]], warm_seeds: Sequence[tuple[Any, Any]],
                  *, fresh: bool = True, tried: Sequence[str] = ()) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """(sampler params, trial user attrs) a study queues before its sampler draws, in the order they run.
@@ -125,9 +120,9 @@ def first_trials(space: SearchSpace, enqueued: Sequence[Mapping[str, Any]], warm
         if default is not None:
             out.append((default, {"baseline": True}))
         out += [(dict(params), {"enqueued": True}) for params in enqueued]
-    seen = set(tried) | {params_key(space, params) for params, _ in out}
+    seen = set(tried) | {space.params_key(params) for params, _ in out}
     for params, seed in warm_seeds:
-        key = params_key(space, params)
+        key = space.params_key(params)
         if key not in seen:
             seen.add(key)
             out.append((dict(params), {"origin": seed.origin}))

@@ -52,7 +52,7 @@ def _queue_first_trials(s: StudySession) -> None:
     """Queue what the study measures before its sampler draws (study.plan.first_trials): on a fresh study
     the default and the [study] enqueue entries, then the --warm-start seeds not tried or queued yet.
     Under the storage mutex: of processes starting together, one queues them."""
-    from xlstm_tune.study.plan import first_trials, params_key
+    from xlstm_tune.study.plan import first_trials
 
     p = s.plan
     grid = p.sampler_name == "grid"
@@ -70,7 +70,7 @@ def _queue_first_trials(s: StudySession) -> None:
         tried = []
         for t in trials:
             try:
-                tried.append(params_key(p.space, t.params or t.system_attrs.get("fixed_params") or {}))
+                tried.append(p.space.params_key(t.params or t.system_attrs.get("fixed_params") or {}))
             except Exception:  # noqa: BLE001 - a partial param set cannot match a seed
                 continue
         queue = first_trials(p.space, p.enqueued, [] if grid else p.warm_seeds, fresh=fresh, tried=tried)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from xlstm_tune.study.liveness import HEARTBEAT_ATTR, OWNER_ATTR, uses_optuna_heartbeat
-from xlstm_tune.study.ownership import reap_stale
+from xlstm_tune.study.ownership import reap_stale, requeue
 from xlstm_tune.study.session import StudySession
 
 CLAIM_ATTR = "xlstm_tune:key"  # the configuration a RUNNING trial measures
@@ -84,7 +84,7 @@ def put_back_unstarted(s: StudySession, trial: Any, exc: BaseException) -> None:
     if finish_trial(s, trial, rec):
         fixed = t.system_attrs.get("fixed_params")
         if fixed and rec["failure_reason"] == "interrupted":
-            s.study.enqueue_trial(dict(fixed), user_attrs={"requeued_from": t.number})
+            requeue(s, t, dict(fixed))
 
 
 def running_claimant(s: StudySession, key: str, number: int) -> Any:

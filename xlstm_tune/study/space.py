@@ -189,6 +189,10 @@ class SearchSpace:
                 knobs[knob] = default[knob]  # searched but not sampled (irrelevant to this backend)
         return knobs
 
+    def params_key(self, params: Mapping[str, Any]) -> str:
+        """The configuration a set of sampler params stands for, as a comparable key (`knob_key`)."""
+        return knob_key(self.canonical(self.knobs_from_params(dict(params))))
+
     def check(self, knobs: Mapping[str, Any]) -> str | None:
         """Why this combination cannot run (None: it can). Checked before any trial starts."""
         if int(knobs["chunk_size"]) % int(knobs["t_inner"]) != 0:
