@@ -115,3 +115,15 @@ def test_runs_that_never_reach_the_target_count_in_the_median(capsys) -> None:
         assert (r[2] == "never") == (never >= 2)
         assert r[5] == "never" or float(r[5]) <= 2.0
     assert mod.quantile([1.0, float("inf")], 0.5) == float("inf") and mod.quantile([1.0, 3.0], 0.5) == 2.0
+
+
+def test_tpe_models_after_four_start_up_trials_unless_the_spec_says_otherwise() -> None:
+    """TPE's start-up phase (docs/STUDY.md §10): 4 random trials up to 49-trial studies, then a tenth; the
+    spec's [sampler] n_startup_trials wins; GP keeps a third of the study (it got worse with fewer)."""
+    from xlstm_tune.study.samplers import make_sampler
+
+    n = random.randint(5, 49)
+    assert make_sampler("tpe", seed=0, n_objectives=2, n_trials=n)._n_startup_trials == 4
+    assert make_sampler("tpe", seed=0, n_objectives=2, n_trials=200)._n_startup_trials == 10
+    assert make_sampler("tpe", seed=0, n_objectives=2, n_trials=n, options={"n_startup_trials": 7})._n_startup_trials == 7
+    assert make_sampler("gp", seed=0, n_objectives=2, n_trials=21)._n_startup_trials == 7
