@@ -95,6 +95,16 @@ def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    # The weights never depend on the kernel before, so the first tile's loads go out before the wait:
+    # under dependent launch their memory latency overlaps the previous kernel's tail. Each later tile is
+    # loaded one step ahead in the loop below, so every tile is read once.
+    tile = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + tile[None, :]
+    w = tl.load(w_ptrs, mask=row_ok[:, None] & (tile < K)[None, :], other=0.0, eviction_policy="evict_first")
+    wu = w
+    if EPILOGUE == 2:  # the SwiGLU "up" rows sit N rows below the gate rows of the fused matrix
+        wu = tl.load(w_ptrs + N * stride_wn, mask=row_ok[:, None] & (tile < K)[None, :], other=0.0,
+                     eviction_policy="evict_first")
     _wait_for_prior(PDL)
     if PROLOGUE == 2:
         # Per-head mean and 1/std of the cell output, two-pass as in the eager layer norm. Every program
@@ -123,14 +133,15 @@ def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_
             gate = tl.load(gate_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             nw = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             x = tl.where(col_ok, tl.sigmoid(gate) * ((x - mu) * rs * nw), 0.0)
-        w_mask = row_ok[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=w_mask, other=0.0,
-                    eviction_policy="evict_first")
+        next_mask = row_ok[:, None] & (cols + BLOCK_K < K)[None, :]
+        w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=next_mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
-        if EPILOGUE == 2:  # the SwiGLU "up" rows sit N rows below the gate rows of the fused matrix
-            wu = tl.load(w_ptr + (rows[:, None] + N) * stride_wn + cols[None, :], mask=w_mask, other=0.0,
-                         eviction_policy="evict_first")
+        w = w_next
+        if EPILOGUE == 2:
+            wu_next = tl.load(w_ptrs + N * stride_wn + (k0 + BLOCK_K), mask=next_mask, other=0.0,
+                              eviction_policy="evict_first")
             acc_up += wu.to(tl.float32) * x[None, :]
+            wu = wu_next
     y = tl.sum(acc, axis=1)
     up = tl.sum(acc_up, axis=1)
     if PROLOGUE == 1:
