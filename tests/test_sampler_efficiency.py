@@ -28,11 +28,12 @@ from xlstm_tune.study.space import SearchSpace, knob_key  # noqa: E402
 from xlstm_tune.study.spec import parse_spec  # noqa: E402
 
 GRID = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "xlstm350m_h200_grid"
+ALL_BACKENDS = GRID.parent / "xlstm350m_h200_all"  # the wide grid recorded with Ray installed
 OBJECTIVES = ["prefill_tok_s", "decode_tok_s"]
 
 
-def _grid():
-    src = load_source(str(GRID), GRID.parent)
+def _grid(path: Path = GRID):
+    src = load_source(str(path), path.parent)
     spec = parse_spec(source_spec_doc(src), "grid")
     space = SearchSpace.resolve(spec, source_model_info(src), source_capabilities(src))
     return src, spec, space
@@ -127,3 +128,22 @@ def test_tpe_models_after_four_start_up_trials_unless_the_spec_says_otherwise() 
     assert make_sampler("tpe", seed=0, n_objectives=2, n_trials=200)._n_startup_trials == 10
     assert make_sampler("tpe", seed=0, n_objectives=2, n_trials=n, options={"n_startup_trials": 7})._n_startup_trials == 7
     assert make_sampler("gp", seed=0, n_objectives=2, n_trials=21)._n_startup_trials == 7
+
+
+def test_the_all_backends_grid_holds_every_configuration_of_its_space_and_replays_to_its_optimum() -> None:
+    """Every configuration of the recorded space, ray's included, has a record (measured to the end or
+    pruned with its partial cost), so a replayed study over it never meets a configuration it cannot cost."""
+    src, spec, space = _grid(ALL_BACKENDS)
+    assert set(space.backends()) == {"native", "queued", "ray"}
+    keys = {knob_key(k) for k in space.iter_configs()}
+    recorded = set(src.lookup) | set(src.partial)
+    assert keys <= recorded, sorted(keys - recorded)[:3]
+    assert {k.split("|")[0] for k in src.partial} == {"backend=queued", "backend=ray"}  # native: measured in full
+    rule = PruneRule.from_spec(spec.pruning)
+    sampler = random.choice(["random", "tpe"])
+    events = replay_costed(src, space, sampler, random.randrange(1000), OBJECTIVES, rule,
+                           max_trials=2 * len(keys), sampler_trials=20)
+    assert all(e.cost_s >= 0.0 for e in events)
+    # a hopeless ray configuration is stopped where the recording stopped it, charged only its screen
+    ray = [e for e in events if "backend=ray" in e.key and e.cost_s > 0]
+    assert ray and all(e.state == "PRUNED" and not e.estimated for e in ray)
