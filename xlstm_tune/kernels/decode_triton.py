@@ -353,10 +353,19 @@ def _mlstm_cell_kernel(proj_ptr, c_ptr, n_ptr, m_ptr, sync_ptr, h_ptr, q_off, k_
     row = tl.program_id(2)  # batch row
     rh = row * H + hd  # (row, head): indexes C, n, m, the counters and h
     vcols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    _wait_for_prior(PDL)
-    proj_ptr += row * stride_proj
+    v_ok = vcols < V
     d = tl.arange(0, QK_P2)
     ok = d < QK
+    # The state was last written by this block's cell one step ago, long finished; only the projection
+    # comes from the kernel before. So m, n and C's first tile are loaded before the wait, their memory
+    # latency overlapping the kernel before (later tiles are loaded one loop step ahead).
+    m_old = tl.load(m_ptr + rh)
+    n_old = tl.load(n_ptr + rh * QK + d, mask=ok, other=0.0)
+    tile = tl.arange(0, BLOCK_QK)
+    c_ptrs = c_ptr + rh * QK * V + tile[:, None] * V + vcols[None, :]
+    c_old = tl.load(c_ptrs, mask=(tile < QK)[:, None] & v_ok[None, :], other=0.0)
+    _wait_for_prior(PDL)
+    proj_ptr += row * stride_proj
     q_all = tl.load(proj_ptr + q_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32) * scale
     k_all = tl.load(proj_ptr + k_off + hd * QK + d, mask=ok, other=0.0).to(tl.float32)
     i = tl.load(proj_ptr + i_off + hd).to(tl.float32)
@@ -365,26 +374,24 @@ def _mlstm_cell_kernel(proj_ptr, c_ptr, n_ptr, m_ptr, sync_ptr, h_ptr, q_off, k_
         i = cap * _tanh(i / cap)
         f = cap * _tanh(f / cap)
     log_f = tl.minimum(f, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(f)))  # logsigmoid
-    m_old = tl.load(m_ptr + rh)
     m_new = tl.maximum(log_f + m_old, i)
     f_act = tl.exp(log_f + m_old - m_new)
     i_act = tl.exp(i - m_new)
-    n = f_act * tl.load(n_ptr + rh * QK + d, mask=ok, other=0.0) + i_act * k_all
+    n = f_act * n_old + i_act * k_all
     denom = tl.maximum(tl.abs(tl.sum(q_all * n, axis=0)), tl.exp(-m_new)) + eps
 
-    v_ok = vcols < V
     v = tl.load(proj_ptr + v_off + hd * V + vcols, mask=v_ok, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for k0 in range(0, QK, BLOCK_QK):
-        kr = k0 + tl.arange(0, BLOCK_QK)
+        kr = k0 + tile
         k_ok = kr < QK
+        c_next = tl.load(c_ptrs + (k0 + BLOCK_QK) * V, mask=(kr + BLOCK_QK < QK)[:, None] & v_ok[None, :], other=0.0)
         k = tl.load(proj_ptr + k_off + hd * QK + kr, mask=k_ok, other=0.0).to(tl.float32)
         q = tl.load(proj_ptr + q_off + hd * QK + kr, mask=k_ok, other=0.0).to(tl.float32) * scale
-        ptrs = c_ptr + rh * QK * V + kr[:, None] * V + vcols[None, :]
-        c_ok = k_ok[:, None] & v_ok[None, :]
-        c = f_act * tl.load(ptrs, mask=c_ok, other=0.0) + i_act * (k[:, None] * v[None, :])
-        tl.store(ptrs, c, mask=c_ok)
+        c = f_act * c_old + i_act * (k[:, None] * v[None, :])
+        tl.store(c_ptrs + k0 * V, c, mask=k_ok[:, None] & v_ok[None, :])
         acc += tl.sum(q[:, None] * c, axis=0)
+        c_old = c_next
     tl.store(h_ptr + rh * V + vcols, acc / denom, mask=v_ok)
 
     arrived = tl.atomic_add(sync_ptr + rh, 1, sem="acq_rel")  # after this program's reads of n and m
@@ -429,6 +436,7 @@ def mlstm_decode_cell(proj: Tensor, splits: tuple[int, ...], heads: int, state: 
     _mlstm_cell_kernel[(heads, triton.cdiv(v, block_v), batch)](
         proj2, c, n, m, sync, h_out, q_off, k_off, v_off, i_off, f_off, float(cap or 1.0), qk ** -0.5, eps,
         proj2.stride(0), H=heads, QK=qk, QK_P2=triton.next_power_of_2(qk), V=v,
-        BLOCK_QK=min(64, triton.next_power_of_2(qk)), BLOCK_V=block_v, HAS_CAP=cap is not None, PDL=pdl,
+        BLOCK_QK=min(max(64, 4096 // block_v), triton.next_power_of_2(qk)), BLOCK_V=block_v,  # C tiles up to 4096
+        HAS_CAP=cap is not None, PDL=pdl,
         launch_pdl=pdl)
     return h_out
