@@ -14,6 +14,10 @@ The wider 350M grid meant to separate samplers (36 configurations, estimated ~34
 The same grid with Ray installed (every backend: 60 configurations, 72 grid points; ~12 minutes, so two
 runs of the command, the second continuing the first): --name xlstm350m_h200_all.
 
+On a CPU, every backend and every CPU knob of the `tiny` model (81 configurations, ~2 minutes on 2 cores):
+
+    python benchmarks/record_grid.py --experiment experiments/grid_tiny.toml --name tiny_cpu_all -- --backend native,queued,ray
+
 On a CPU (the `tiny` model; a narrowed space for a quick check, flags after `--` go to the study):
 
     python benchmarks/record_grid.py --experiment experiments/grid_tiny.toml --name tiny_cpu_check \

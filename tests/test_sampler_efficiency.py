@@ -28,7 +28,8 @@ from xlstm_tune.study.space import SearchSpace, knob_key  # noqa: E402
 from xlstm_tune.study.spec import parse_spec  # noqa: E402
 
 GRID = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "xlstm350m_h200_grid"
-ALL_BACKENDS = GRID.parent / "xlstm350m_h200_all"  # the wide grid recorded with Ray installed
+# every backend: the wide 350M grid recorded on an H200 with Ray installed, and the tiny CPU grid with ray
+ALL_BACKENDS = [GRID.parent / "xlstm350m_h200_all", GRID.parent / "tiny_cpu_all"]
 OBJECTIVES = ["prefill_tok_s", "decode_tok_s"]
 
 
@@ -130,10 +131,12 @@ def test_tpe_models_after_four_start_up_trials_unless_the_spec_says_otherwise() 
     assert make_sampler("gp", seed=0, n_objectives=2, n_trials=21)._n_startup_trials == 7
 
 
-def test_the_all_backends_grid_holds_every_configuration_of_its_space_and_replays_to_its_optimum() -> None:
+@pytest.mark.parametrize("path", ALL_BACKENDS, ids=lambda p: p.name)
+def test_the_all_backends_grid_holds_every_configuration_of_its_space_and_replays_to_its_optimum(path: Path) -> None:
     """Every configuration of the recorded space, ray's included, has a record (measured to the end or
     pruned with its partial cost), so a replayed study over it never meets a configuration it cannot cost."""
-    src, spec, space = _grid(ALL_BACKENDS)
+    src, spec, space = _grid(path)
+    objectives = spec.objectives
     assert set(space.backends()) == {"native", "queued", "ray"}
     keys = {knob_key(k) for k in space.iter_configs()}
     recorded = set(src.lookup) | set(src.partial)
@@ -141,7 +144,7 @@ def test_the_all_backends_grid_holds_every_configuration_of_its_space_and_replay
     assert {k.split("|")[0] for k in src.partial} == {"backend=queued", "backend=ray"}  # native: measured in full
     rule = PruneRule.from_spec(spec.pruning)
     sampler = random.choice(["random", "tpe"])
-    events = replay_costed(src, space, sampler, random.randrange(1000), OBJECTIVES, rule,
+    events = replay_costed(src, space, sampler, random.randrange(1000), objectives, rule,
                            max_trials=2 * len(keys), sampler_trials=20)
     assert all(e.cost_s >= 0.0 for e in events)
     # a hopeless ray configuration is stopped where the recording stopped it, charged only its screen
