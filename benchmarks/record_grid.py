@@ -16,7 +16,8 @@ runs of the command, the second continuing the first): --name xlstm350m_h200_all
 
 On a CPU, every backend and every CPU knob of the `tiny` model (81 configurations, ~2 minutes on 2 cores):
 
-    python benchmarks/record_grid.py --experiment experiments/grid_tiny.toml --name tiny_cpu_all -- --backend native,queued,ray
+    python benchmarks/record_grid.py --experiment experiments/grid_tiny.toml --name tiny_cpu_all \
+        -- --backend native,queued,ray
 
 On a CPU (the `tiny` model; a narrowed space for a quick check, flags after `--` go to the study):
 

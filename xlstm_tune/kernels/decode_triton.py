@@ -100,11 +100,11 @@ def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_
     # loaded one step ahead in the loop below, so every tile is read once.
     tile = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + tile[None, :]
-    w = tl.load(w_ptrs, mask=row_ok[:, None] & (tile < K)[None, :], other=0.0, eviction_policy="evict_first")
+    first = row_ok[:, None] & (tile < K)[None, :]
+    w = tl.load(w_ptrs, mask=first, other=0.0, eviction_policy="evict_first")
     wu = w
     if EPILOGUE == 2:  # the SwiGLU "up" rows sit N rows below the gate rows of the fused matrix
-        wu = tl.load(w_ptrs + N * stride_wn, mask=row_ok[:, None] & (tile < K)[None, :], other=0.0,
-                     eviction_policy="evict_first")
+        wu = tl.load(w_ptrs + N * stride_wn, mask=first, other=0.0, eviction_policy="evict_first")
     _wait_for_prior(PDL)
     if PROLOGUE == 2:
         # Per-head mean and 1/std of the cell output, two-pass as in the eager layer norm. Every program
@@ -385,7 +385,8 @@ def _mlstm_cell_kernel(proj_ptr, c_ptr, n_ptr, m_ptr, sync_ptr, h_ptr, q_off, k_
     for k0 in range(0, QK, BLOCK_QK):
         kr = k0 + tile
         k_ok = kr < QK
-        c_next = tl.load(c_ptrs + (k0 + BLOCK_QK) * V, mask=(kr + BLOCK_QK < QK)[:, None] & v_ok[None, :], other=0.0)
+        c_next = tl.load(c_ptrs + (k0 + BLOCK_QK) * V, mask=(kr + BLOCK_QK < QK)[:, None] & v_ok[None, :],
+                         other=0.0)
         k = tl.load(proj_ptr + k_off + hd * QK + kr, mask=k_ok, other=0.0).to(tl.float32)
         q = tl.load(proj_ptr + q_off + hd * QK + kr, mask=k_ok, other=0.0).to(tl.float32) * scale
         c = f_act * c_old + i_act * (k[:, None] * v[None, :])

@@ -50,8 +50,7 @@ def default_startup_trials(name: str, n_trials: int) -> int:
     §10, "TPE's start-up phase"), 4 reached the target in the least time on three of four, and has the
     lowest mean time relative to random search over all four (on the fourth, 4, 6 and 10 are within the
     seeds' spread); the default and the shipped configuration, measured first, already give the model
-    its first points. GP and CMA-ES keep a third
-    of the study (4 to 10): GP got worse with fewer."""
+    its first points. GP and CMA-ES keep a third of the study (4 to 10): GP got worse with fewer."""
     if name == "tpe":
         return min(10, max(4, n_trials // 10))
     return min(10, max(4, n_trials // 3))
