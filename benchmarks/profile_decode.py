@@ -39,6 +39,16 @@ def copy_bandwidth_gb_s() -> float:
     return 2 * 10 * src.numel() / (time.perf_counter() - t0) / 1e9
 
 
+def print_product_configs() -> None:
+    """The tile configuration the autotuner kept for each batch-1 product shape (N, K, prologue, epilogue)."""
+    from xlstm_tune.kernels import decode_triton
+
+    for key, config in sorted(getattr(decode_triton._fused_gemv_kernel, "cache", {}).items(), key=str):
+        n, k, prologue, epilogue = key[:4]
+        print(f"product N={n} K={k} prologue={prologue} epilogue={epilogue}: {config.kwargs}, "
+              f"{config.num_warps} warps, {config.num_stages} stages")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="xlstm-350m")
@@ -87,6 +97,7 @@ def main() -> int:
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:args.top]:
         print(f"| {e.key[:70]} | {e.count / args.tokens:.1f} | {e.device_time_total / args.tokens:.1f} | "
               f"{e.device_time_total / e.count:.2f} | {e.device_time_total / args.tokens / busy_us:.1%} |")
+    print_product_configs()
     model.close()
     return 0
 

@@ -111,6 +111,26 @@ def test_fused_gemv_head_norm_gate_prologue_matches_float64(kernels, seed, heads
     assert rel_err(out, x_eff @ w.double().T) < TOL, f"seed={seed}"
 
 
+@pytest.mark.parametrize("batch,vocab", [(1, 5000), (3, 4096), (16, 100)])
+def test_argmax_rows_picks_the_first_largest_value_like_torch(kernels, seed, batch, vocab):
+    """Random rows, then rows whose largest value appears at two random places (one program's range or
+    two): the first index wins, as with torch.argmax. Called twice on the same buffers, which the kernel
+    must leave ready (its counters back at zero)."""
+    buffers = kernels.argmax_buffers(batch, vocab, DEVICE)
+    out = torch.empty(batch, 1, dtype=torch.int64, device=DEVICE)
+    x = _rand(batch, vocab + 3)[:, :vocab]  # rows of a wider buffer: a row stride other than V
+    kernels.argmax_rows(x, out, buffers)
+    assert torch.equal(out, x.argmax(-1, keepdim=True)), f"seed={seed}"
+    assert not buffers.sync.any(), "the argmax kernel leaves its counters at zero for the next call"
+    ties = torch.randn(batch, vocab, device=DEVICE)
+    for r in range(batch):
+        first, second = sorted(torch.randperm(vocab)[:2].tolist())
+        ties[r, first] = ties[r, second] = ties[r].max() + 1.0
+    kernels.argmax_rows(ties, out, buffers)
+    assert torch.equal(out, ties.argmax(-1, keepdim=True)), f"seed={seed}"
+    assert not buffers.sync.any()
+
+
 def _cell_case(kernels, heads, qk, v, batch):
     """The cell kernels on `batch` rows against `mlstm_step` (float32) on the same inputs."""
     rows = () if batch is None else (batch,)

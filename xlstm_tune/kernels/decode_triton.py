@@ -9,6 +9,7 @@ products. These kernels fold that elementwise work into the products' prologues 
                   epilogue: none | + residual | SwiGLU pair silu(W_g x) * (W_u x) | soft cap
     mlstm_cell    per head, value tile and row: gate soft caps, max-state m, n and the read-out denominator,
                   C in place and h = q^T C / denominator (n and m in place by the head's last program)
+    argmax_rows   the greedy next token of each row, so a captured step can feed its own next input
 
 For B > 1 rows the products run as a small-M GEMM (`_fused_rows_kernel`): each program reads its weight
 tile once and applies it to all B rows (up to 16 per program, tensor-core `tl.dot`), so a step still
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -348,6 +350,66 @@ def fused_gemv(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = 
         HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM_P2=triton.next_power_of_2(head_dim),
         PDL=pdl, launch_pdl=pdl,
     )
+    return out
+
+
+ARGMAX_BLOCK = 2048  # logits one program of the argmax scans
+
+
+@triton.jit
+def _argmax_kernel(x_ptr, best_ptr, at_ptr, sync_ptr, out_ptr, V, stride_x, P: tl.constexpr, P_P2: tl.constexpr,
+                   BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """out[row] = the first index of the row's largest value, in one launch: each program writes the
+    maximum of its BLOCK values and where it lies, and the row's last program to arrive (the cell's
+    acquire-release counter, reset by that program) picks the first of the largest."""
+    chunk = tl.program_id(0)
+    row = tl.program_id(1)
+    _wait_for_prior(PDL)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < V, other=-float("inf"))
+    best, at = tl.max(x, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    tl.store(best_ptr + row * P + chunk, best)
+    tl.store(at_ptr + row * P + chunk, at + chunk * BLOCK)
+    arrived = tl.atomic_add(sync_ptr + row, 1, sem="acq_rel")  # after this program's partial is written
+    if arrived == P - 1:
+        p = tl.arange(0, P_P2)
+        bests = tl.load(best_ptr + row * P + p, mask=p < P, other=-float("inf"), cache_modifier=".cg")
+        _, first = tl.max(bests, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        tl.store(out_ptr + row, tl.load(at_ptr + row * P + first, cache_modifier=".cg").to(tl.int64))
+        tl.store(sync_ptr + row, 0)
+
+
+@dataclass
+class ArgmaxBuffers:
+    """What `argmax_rows` needs for B rows of V values: per-program partial maxima and a counter per row
+    (zero between calls)."""
+
+    best: Tensor
+    at: Tensor
+    sync: Tensor
+
+
+def argmax_buffers(batch: int, vocab: int, device: torch.device | str) -> ArgmaxBuffers:
+    programs = triton.cdiv(vocab, ARGMAX_BLOCK)
+    return ArgmaxBuffers(best=torch.empty(batch, programs, dtype=torch.float32, device=device),
+                         at=torch.empty(batch, programs, dtype=torch.int32, device=device),
+                         sync=torch.zeros(batch, dtype=torch.int32, device=device))
+
+
+def argmax_rows(x: Tensor, out: Tensor, buffers: ArgmaxBuffers) -> Tensor:
+    """out [B, 1] (int64) = the first index of the largest value of each row of x [B, V] (float32, rows
+    contiguous), as torch.argmax picks for rows without NaN; one launch, spread over the row so it costs
+    a few microseconds where a one-block reduction costs more than ten."""
+    batch, vocab = x.shape
+    programs = triton.cdiv(vocab, ARGMAX_BLOCK)
+    if x.dtype != torch.float32 or x.stride(1) != 1 or out.shape != (batch, 1) or out.dtype != torch.int64:
+        raise ValueError("argmax_rows needs float32 rows x [B, V] and an int64 out [B, 1]")
+    if buffers.best.shape != (batch, programs) or buffers.sync.numel() != batch:
+        raise ValueError("argmax_rows needs buffers = argmax_buffers(B, V)")
+    pdl = _pdl(x)
+    _argmax_kernel[(programs, batch)](x, buffers.best, buffers.at, buffers.sync, out, vocab, x.stride(0), P=programs,
+                                      P_P2=triton.next_power_of_2(programs), BLOCK=ARGMAX_BLOCK, PDL=pdl,
+                                      launch_pdl=pdl)
     return out
 
 

@@ -139,8 +139,9 @@ class LanguageModel:
                  on_step: StepCallback | None = None) -> tuple[Tensor, ModelState]:
         """Greedy decoding. Returns the new tokens [B, max_new_tokens] and the final state.
 
-        Tokens stay on the device (argmax fed straight back), so there is no host round trip per token
-        unless `on_step` asks for per-step timing, which synchronises the device before each reading.
+        Tokens stay on the device (each step's greedy token fed straight back; in graph mode the captured
+        graph writes it into its own input), so there is no host round trip per token unless `on_step`
+        asks for per-step timing, which synchronises the device before each reading.
         """
         if max_new_tokens < 0:
             raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -155,8 +156,7 @@ class LanguageModel:
             dev.synchronize(self.device)
         last = time.perf_counter()
         for n in range(1, max_new_tokens):
-            logits, state = self._decode(token, state)
-            token = logits[:, -1].argmax(-1, keepdim=True)
+            token, state = self._decode.greedy(token, state)  # graph mode: the graph's own token buffer
             out[:, n : n + 1] = token
             if on_step is not None:
                 dev.synchronize(self.device)

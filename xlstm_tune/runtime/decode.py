@@ -8,6 +8,9 @@ The runtime wraps any `step(token [B,1], state pytree) -> (logits [B,1,V], state
   model offers an in-place step on fused kernels (CUDA with Triton), that step is captured for the batch
   sizes it supports (1..16); otherwise, with the `compile` option on (default), the compiled step is.
   One graph (and one set of static buffers) per batch size: a batch of another size captures again.
+  The graph also writes the greedy next token into its own token buffer, so greedy decoding
+  (`greedy`) replays the graph once per token with nothing launched between replays but the copy of
+  the token out.
 """
 from __future__ import annotations
 
@@ -24,18 +27,37 @@ StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 
 class InPlaceStepFn(Protocol):
-    """(token [B, 1], state advanced in place) -> logits, for the batch sizes `supports` accepts."""
+    """(token [B, 1], state advanced in place) -> logits, for the batch sizes `supports` accepts;
+    `argmax(logits, out)` writes each row's greedy next token into out [B, 1]."""
 
     def __call__(self, token: Tensor, state: Any) -> Tensor: ...
 
     def supports(self, batch: int) -> bool: ...
+
+    def argmax(self, logits: Tensor, out: Tensor) -> Tensor: ...
 
 
 def _flatten(state: Any) -> list[Tensor]:
     return [t for block in state for t in block]
 
 
-class EagerStep:
+def _greedy_token(logits: Tensor) -> Tensor:
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+class _Step:
+    """What every mode offers: `step(token, state) -> (logits, state)` and `greedy`, the next token."""
+
+    def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def greedy(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """(each row's greedy next token [B, 1], state) after one step from `token`."""
+        logits, state = self(token, state)
+        return _greedy_token(logits), state
+
+
+class EagerStep(_Step):
     mode = "eager"
 
     def __init__(self, step: StepFn, device: torch.device, stats: RunStats | None = None):
@@ -47,7 +69,7 @@ class EagerStep:
         return self.step(token, state)
 
 
-class CompiledStep:
+class CompiledStep(_Step):
     mode = "compiled"
 
     def __init__(self, step: StepFn, device: torch.device, stats: RunStats | None = None):
@@ -61,8 +83,9 @@ class CompiledStep:
         return self.step(token, state)
 
 
-class GraphStep:
-    """Captured device graph over static buffers. `state` returned *is* the static buffer set."""
+class GraphStep(_Step):
+    """Captured device graph over static buffers. `state` returned *is* the static buffer set, and the
+    token `greedy` returns *is* the static token buffer (the next replay's input, overwritten by it)."""
 
     mode = "graph"
 
@@ -93,23 +116,36 @@ class GraphStep:
         self.graph, self.static_logits = dev.capture_graph(self.device, self._step_in_place)
 
     def _step_in_place(self) -> Tensor:
+        """The captured work: the step, the state written back, then the greedy next token written into
+        the token buffer (read by the step's first kernel, so the next replay can start from it)."""
         if self.fused:
-            return self.in_place_step(self.static_token, self.static_state)  # type: ignore[misc]
+            logits = self.in_place_step(self.static_token, self.static_state)  # type: ignore[misc]
+            self.in_place_step.argmax(logits, self.static_token)  # type: ignore[union-attr]
+            return logits
         logits, new_state = self.step(self.static_token, self.static_state)
         for dst, src in zip(_flatten(self.static_state), _flatten(new_state)):
             dst.copy_(src)
+        self.static_token.copy_(_greedy_token(logits))
         return logits
 
-    def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def _replay(self, token: Tensor, state: Any) -> None:
         if self.graph is None or self.static_token.shape != token.shape or len(state) != len(self.static_state):
             self._capture(token, state)  # advanced the static copies during warm-up: reloaded just below
         if state is not self.static_state:
             for dst, src in zip(_flatten(self.static_state), _flatten(state)):
                 dst.copy_(src)
-        self.static_token.copy_(token)
+        if token is not self.static_token:  # greedy decoding hands back the buffer the last replay wrote
+            self.static_token.copy_(token)
         self.graph.replay()
         self.stats.decoded("graph:fused" if self.fused else "graph:step")
+
+    def __call__(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        self._replay(token, state)
         return self.static_logits, self.static_state
+
+    def greedy(self, token: Tensor, state: Any) -> tuple[Tensor, Any]:
+        self._replay(token, state)
+        return self.static_token, self.static_state
 
 
 def make_decode_step(mode: str, step: StepFn, device: torch.device, compile_step: bool = True,
