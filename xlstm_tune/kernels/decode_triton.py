@@ -35,13 +35,10 @@ PRO_NONE, PRO_RMS, PRO_HEAD_NORM = 0, 1, 2
 EPI_NONE, EPI_RESIDUAL, EPI_SWIGLU, EPI_SOFT_CAP = 0, 1, 2, 3
 
 # Few configurations: every (shape, prologue, epilogue) key is tuned once per process, before capture.
-# AHEAD: weight tiles in flight per program (1: the next tile; 2: the next two), so a long row keeps more
-# bytes in flight when a product has few programs.
 _CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "AHEAD": a}, num_warps=w, num_stages=s)
-    for bn, bk, a, w, s in [(4, 512, 1, 4, 3), (8, 256, 1, 4, 3), (8, 512, 1, 4, 3), (8, 512, 1, 8, 2),
-                            (16, 256, 1, 8, 3), (2, 1024, 1, 4, 3), (4, 1024, 1, 8, 2),
-                            (4, 512, 2, 4, 3), (8, 256, 2, 4, 3), (2, 512, 2, 4, 3)]
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in [(4, 512, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 2), (16, 256, 8, 3),
+                         (2, 1024, 4, 3), (4, 1024, 8, 2)]
 ]
 # Rows of B > 1: tl.dot wants tiles of at least 16 along each side, so BLOCK_N starts at 16.
 _ROWS_CONFIGS = [
@@ -89,18 +86,6 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
-@triton.jit
-def _weight_tiles(w_ptrs, k0, row_ok, tile, N, K: tl.constexpr, stride_wn, SWIGLU: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The weight tile at columns k0.. (zeros past K) and, for SwiGLU, the "up" rows' tile N rows below
-    (the gate tile again otherwise, never used). Streamed once, so they are evicted first."""
-    mask = row_ok[:, None] & (k0 + tile < K)[None, :]
-    w = tl.load(w_ptrs + k0, mask=mask, other=0.0, eviction_policy="evict_first")
-    wu = w
-    if SWIGLU:
-        wu = tl.load(w_ptrs + N * stride_wn + k0, mask=mask, other=0.0, eviction_policy="evict_first")
-    return w, wu
-
-
 # K is a compile-time constant: each product shape compiles once anyway (autotuning is per shape), and
 # Triton's CPU interpreter cannot loop over a runtime bound with NumPy >= 2.3.
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "PROLOGUE", "EPILOGUE", "HAS_BIAS"])
@@ -108,19 +93,20 @@ def _weight_tiles(w_ptrs, k0, row_ok, tile, N, K: tl.constexpr, stride_wn, SWIGL
 def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_ptr, N, K: tl.constexpr, stride_wn, eps, cap,
                        PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr, PDL: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    # The weights never depend on the kernel before, so the first AHEAD tiles' loads go out before the
-    # wait: under dependent launch their memory latency overlaps the previous kernel's tail. Each later
-    # tile is loaded AHEAD steps ahead in the loop below, so every tile is read once.
+    # The weights never depend on the kernel before, so the first tile's loads go out before the wait:
+    # under dependent launch their memory latency overlaps the previous kernel's tail. Each later tile is
+    # loaded one step ahead in the loop below, so every tile is read once.
     tile = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows[:, None] * stride_wn + tile[None, :]
-    w, wu = _weight_tiles(w_ptrs, 0, row_ok, tile, N, K, stride_wn, EPILOGUE == 2, BLOCK_K)
-    w2, wu2 = w, wu
-    if AHEAD == 2:
-        w2, wu2 = _weight_tiles(w_ptrs, BLOCK_K, row_ok, tile, N, K, stride_wn, EPILOGUE == 2, BLOCK_K)
+    first = row_ok[:, None] & (tile < K)[None, :]
+    w = tl.load(w_ptrs, mask=first, other=0.0, eviction_policy="evict_first")
+    wu = w
+    if EPILOGUE == 2:  # the SwiGLU "up" rows sit N rows below the gate rows of the fused matrix
+        wu = tl.load(w_ptrs + N * stride_wn, mask=first, other=0.0, eviction_policy="evict_first")
     _wait_for_prior(PDL)
     if PROLOGUE == 2:
         # Per-head mean and 1/std of the cell output, two-pass as in the eager layer norm. Every program
@@ -149,15 +135,15 @@ def _fused_gemv_kernel(x_ptr, w_ptr, y_ptr, bias_ptr, res_ptr, norm_w_ptr, gate_
             gate = tl.load(gate_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             nw = tl.load(norm_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             x = tl.where(col_ok, tl.sigmoid(gate) * ((x - mu) * rs * nw), 0.0)
-        w_next, wu_next = _weight_tiles(w_ptrs, k0 + AHEAD * BLOCK_K, row_ok, tile, N, K, stride_wn, EPILOGUE == 2,
-                                        BLOCK_K)
+        next_mask = row_ok[:, None] & (cols + BLOCK_K < K)[None, :]
+        w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=next_mask, other=0.0, eviction_policy="evict_first")
         acc += w.to(tl.float32) * x[None, :]
+        w = w_next
         if EPILOGUE == 2:
+            wu_next = tl.load(w_ptrs + N * stride_wn + (k0 + BLOCK_K), mask=next_mask, other=0.0,
+                              eviction_policy="evict_first")
             acc_up += wu.to(tl.float32) * x[None, :]
-        if AHEAD == 2:
-            w, wu, w2, wu2 = w2, wu2, w_next, wu_next
-        else:
-            w, wu = w_next, wu_next
+            wu = wu_next
     y = tl.sum(acc, axis=1)
     up = tl.sum(acc_up, axis=1)
     if PROLOGUE == 1:
