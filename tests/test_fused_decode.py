@@ -236,6 +236,11 @@ def test_graph_decode_captures_the_fused_step_for_batch_1_to_16(seed, batch):
     got, _ = m.generate(prompt, max_new_tokens=16)
     assert m.decode_path == "graph:fused"
     assert torch.equal(got, want), f"seed={seed}"
-    m.generate(prompt[:1].repeat(17, 1), max_new_tokens=4)
-    assert m.decode_path == "graph:step"  # batch 17 recaptured the generic step
+    wide = torch.randint(0, 4096, (17, 30), device="cuda")  # beyond the fused batches: the generic step
+    m.runtime = RuntimeOptions(backend="native", compile=False, decode_mode="eager")
+    want, _ = m.generate(wide, max_new_tokens=4)
+    m.runtime = RuntimeOptions(backend="native", compile=False, decode_mode="graph")
+    got, _ = m.generate(wide, max_new_tokens=4)
+    assert m.decode_path == "graph:step"  # batch 17 captured the generic step, with torch's argmax
+    assert torch.equal(got, want), f"seed={seed}"
     m.close()
