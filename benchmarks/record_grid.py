@@ -14,6 +14,11 @@ The wider 350M grid meant to separate samplers (36 configurations, estimated ~34
 The same grid with Ray installed (every backend: 60 configurations, 72 grid points; ~12 minutes, so two
 runs of the command, the second continuing the first): --name xlstm350m_h200_all.
 
+The `streams` knob on one H200 (1 native and 18 queued configurations, ~6.5 minutes):
+
+    python benchmarks/record_grid.py --experiment experiments/grid_350m_gpu_streams.toml \
+        --name xlstm350m_h200_streams --budget-s 400
+
 On a CPU, every backend and every CPU knob of the `tiny` model (81 configurations, ~2 minutes on 2 cores):
 
     python benchmarks/record_grid.py --experiment experiments/grid_tiny.toml --name tiny_cpu_all \

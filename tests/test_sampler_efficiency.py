@@ -151,3 +151,23 @@ def test_the_all_backends_grid_holds_every_configuration_of_its_space_and_replay
     # a hopeless ray configuration is stopped where the recording stopped it, charged only its screen
     ray = [e for e in events if "backend=ray" in e.key and e.cost_s > 0]
     assert ray and all(e.state == "PRUNED" and not e.estimated for e in ray)
+
+
+def test_the_streams_grid_records_every_stream_count_of_its_space_with_its_own_screen() -> None:
+    """The H200 grid that varies `streams` (benchmarks/data/xlstm350m_h200_streams): every queued
+    configuration of the recorded space, each stream count 0, 1, 2 and 4 among them, has a record with
+    its own screened prefill figure and screen cost, and issued its tasks on side streams exactly when
+    streams > 0 (counted by the run, not read back from the option); the one native configuration was
+    measured to the end."""
+    src, spec, space = _grid(GRID.parent / "xlstm350m_h200_streams")
+    configs = list(space.iter_configs())
+    assert {k["streams"] for k in configs if k["backend"] == "queued"} == {0, 1, 2, 4}
+    keys = {knob_key(k) for k in configs}
+    assert keys <= set(src.lookup) | set(src.partial), sorted(keys - set(src.lookup) - set(src.partial))[:3]
+    assert [k for k in src.lookup if k in keys] == [knob_key(k) for k in configs if k["backend"] == "native"]
+    for key in keys - set(src.lookup):
+        rec = src.partial[key]
+        assert rec["stage_s"]["screen"] > 0 and rec["prefill_tok_s_ctx512"] > 0, key
+        ran = rec["stats"]["ctx512"]
+        assert ran["tasks_dispatched"] > 0
+        assert ran["stream_tasks"] == (ran["tasks_dispatched"] if rec["streams"] else 0), key
