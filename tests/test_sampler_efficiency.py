@@ -101,13 +101,18 @@ def test_replay_measures_what_the_study_measures_first_and_early_stopping_then_n
     assert "backend=queued" in bare[0].key and bare[0].estimated
 
 
-def test_runs_that_never_reach_the_target_count_in_the_median(capsys) -> None:
+def _benchmark():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_efficiency.py"
     spec = importlib.util.spec_from_file_location("sampler_efficiency", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_runs_that_never_reach_the_target_count_in_the_median(capsys) -> None:
+    mod = _benchmark()
     assert mod.main(["--data", str(GRID), "--seeds", "3", "--samplers", "random", "--budget", "2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("random ")]
     assert len(rows) == 2
@@ -171,3 +176,40 @@ def test_the_streams_grid_records_every_stream_count_of_its_space_with_its_own_s
         ran = rec["stats"]["ctx512"]
         assert ran["tasks_dispatched"] > 0
         assert ran["stream_tasks"] == (ran["tasks_dispatched"] if rec["streams"] else 0), key
+
+
+def test_a_redrawn_recording_scales_each_configurations_figures_together_and_keeps_the_rest() -> None:
+    """--noise: per configuration one factor per figure (the screen's figure moves with its context's),
+    prefill_tok_s stays the geometric mean of its contexts, costs are untouched; the same seed draws the
+    same recording, sigma 0 the recording itself."""
+    mod = _benchmark()
+    src, _, _ = _grid(ALL_BACKENDS[0])
+    seed = random.randrange(10**6)
+    same = mod.perturbed(src, 0.0, seed)
+    assert same.lookup == src.lookup and same.partial == src.partial
+    drawn, again = mod.perturbed(src, 0.1, seed), mod.perturbed(src, 0.1, seed)
+    assert drawn.lookup == again.lookup and drawn.lookup != src.lookup
+    factors = set()
+    for key, rec in src.lookup.items():
+        new = drawn.lookup[key]
+        f512 = new["prefill_tok_s_ctx512"] / rec["prefill_tok_s_ctx512"]
+        f2048 = new["prefill_tok_s_ctx2048"] / rec["prefill_tok_s_ctx2048"]
+        assert new["prefill_tok_s"] == pytest.approx((new["prefill_tok_s_ctx512"] * new["prefill_tok_s_ctx2048"]) ** 0.5)
+        assert new["stage_figures"]["screen"]["prefill_tok_s_ctx512"] == pytest.approx(
+            rec["stage_figures"]["screen"]["prefill_tok_s_ctx512"] * f512)
+        assert new["decode_tok_s_p80"] / rec["decode_tok_s_p80"] == pytest.approx(new["decode_tok_s"] / rec["decode_tok_s"])
+        assert new["stage_s"] == rec["stage_s"] and new["key"] == rec["key"]
+        factors |= {round(f512, 12), round(f2048, 12)}
+    assert len(factors) == 2 * len(src.lookup)  # every configuration and figure its own draw
+    assert rec["prefill_tok_s_ctx512"] == src.lookup[key]["prefill_tok_s_ctx512"]  # the source is not modified
+
+
+def test_the_benchmark_replays_redrawn_recordings(capsys) -> None:
+    mod = _benchmark()
+    assert mod.main(["--data", str(ALL_BACKENDS[1]), "--seeds", "3", "--samplers", "random", "--noise", "0.1"]) == 0
+    text = capsys.readouterr().out
+    assert "noise 10%: each seed's recording re-drawn" in text
+    rows = [line.split() for line in text.splitlines() if line.startswith("random ")]
+    assert [r[1] for r in rows] == ["on", "off"]
+    assert mod.main(["--data", str(ALL_BACKENDS[1]), "--noise", "2"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, naming the fix
