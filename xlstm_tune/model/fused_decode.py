@@ -36,7 +36,7 @@ class _Buffers:
     h: Tensor
     z: Tensor
     logits: Tensor
-    pick: Any  # the argmax kernel's partial maxima and counters (kernels.ArgmaxBuffers)
+    pick: Any = None  # the argmax kernel's partial maxima and counters (kernels.ArgmaxBuffers), on first use
 
 
 class FusedDecodeStep:
@@ -67,14 +67,16 @@ class FusedDecodeStep:
                 cell_sync=self.k.cell_sync_buffer(batch, cfg.num_heads, w.device),
                 h=torch.empty(batch, cfg.v_dim, **f32),
                 z=torch.empty(batch, cfg.ffn_dim, **act),
-                logits=torch.empty(batch, cfg.vocab_size, **f32),
-                pick=self.k.argmax_buffers(batch, cfg.vocab_size, w.device))
+                logits=torch.empty(batch, cfg.vocab_size, **f32))
         return self._buffers[batch]
 
     def argmax(self, logits: Tensor, out: Tensor) -> Tensor:
         """out [B, 1] = the greedy next token of each row of this step's `logits` [B, 1, V], in one launch."""
         batch = logits.shape[0]
-        return self.k.argmax_rows(logits.view(batch, -1), out, self._buffers_for(batch).pick)
+        buf = self._buffers_for(batch)
+        if buf.pick is None:
+            buf.pick = self.k.argmax_buffers(batch, logits.shape[-1], logits.device)
+        return self.k.argmax_rows(logits.view(batch, -1), out, buf.pick)
 
     @torch.inference_mode()
     def __call__(self, token: Tensor, state: ModelState) -> Tensor:
