@@ -58,7 +58,8 @@ def main() -> int:
         print(f"decode_kernel_ab.py: --base {args.base} is not a file: give the baseline tree's "
               "xlstm_tune/kernels/decode_triton.py", file=sys.stderr)
         return 2
-    kernels = {"base": load_kernels(args.base), "this tree": importlib.import_module("xlstm_tune.kernels.decode_triton")}
+    kernels = {"base": load_kernels(args.base),
+               "this tree": importlib.import_module("xlstm_tune.kernels.decode_triton")}
     model = load_model(args.model, device="cuda", dtype=args.dtype,
                        runtime=RuntimeOptions(backend="native", chunk_size=128, compile=False, decode_mode="eager"))
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, 16), device="cuda")
@@ -72,8 +73,9 @@ def main() -> int:
         step.k = k
         logits[name] = step(token, [tuple(t.clone() for t in block) for block in state0]).clone()
     a, b = logits["base"].double(), logits["this tree"].double()
-    print(f"{args.model} {args.dtype} batch {args.batch} on {torch.cuda.get_device_name()} (torch {torch.__version__}); "
-          f"logits of one step, this tree against base: relative difference {float((b - a).norm() / a.norm()):.2e}")
+    print(f"{args.model} {args.dtype} batch {args.batch} on {torch.cuda.get_device_name()} "
+          f"(torch {torch.__version__}); logits of one step, this tree against base: "
+          f"relative difference {float((b - a).norm() / a.norm()):.2e}")
 
     graphs = {}
     for name, k in kernels.items():  # the step object's buffers are shared; each graph holds its own launches
@@ -93,8 +95,8 @@ def main() -> int:
     print("| round | base (µs per token) | this tree (µs per token) | base / this tree |\n|---|---|---|---|")
     for r, (tb, tt, q) in enumerate(zip(times["base"], times["this tree"], ratios)):
         print(f"| {r} | {tb:.1f} | {tt:.1f} | {q:.3f} |")
-    print(f"median: base {statistics.median(times['base']):.1f} µs, this tree {statistics.median(times['this tree']):.1f} µs "
-          f"per token; ratio median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f}; "
+    print(f"median: base {statistics.median(times['base']):.1f} µs, "
+          f"this tree {statistics.median(times['this tree']):.1f} µs per token; ratio median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f}; "
           f"> 1: this tree is faster)")
     model.close()
     return 0

@@ -60,6 +60,50 @@ def test_fused_gemv_prologues_and_epilogues_match_float64(kernels, seed, n, k):
         assert rel_err(out, want) < TOL, f"{name} seed={seed}"
 
 
+def test_a_pinned_tile_is_what_runs_and_matches_float64(kernels, seed, monkeypatch):
+    """A shape with a fixed tile (8 rows, 128 columns: K = 300 gives a ragged third tile) launches the
+    kernel with that tile, counted per launch, and still matches float64 in every prologue and epilogue;
+    a shape without one is autotuned (not counted)."""
+    n, k = 40, 300
+    x, w, b = _rand(k), _rand(2 * n, k) / k ** 0.5, _rand(2 * n)
+    cases = _gemv_cases(x, w, b, _rand(n), 1 + 0.3 * _rand(k), n)
+    def key(kw):  # the product's shape, prologue and epilogue codes
+        epilogue = 1 if "residual" in kw else 2 if kw.get("swiglu") else 3 if "soft_cap" in kw else 0
+        return n, k, int("rms_weight" in kw), epilogue
+    keys = {key(kwargs) for kwargs, _ in cases.values()}
+    for key in keys:
+        monkeypatch.setitem(kernels.PINNED, key, (8, 128, 4, 3))
+    before = kernels.pinned_launches.copy()
+    for name, (kwargs, want) in cases.items():
+        out = torch.empty(n, device=DEVICE)
+        kernels.fused_gemv(x, w if kwargs.get("swiglu") else w[:n], out, **kwargs)
+        assert rel_err(out, want) < TOL, f"{name} seed={seed}"
+    assert {key: kernels.pinned_launches[key] - before[key] for key in keys} == {key: 1 for key in keys}
+    other = torch.empty(n + 8, device=DEVICE)
+    kernels.fused_gemv(x, _rand(n + 8, k), other)
+    assert kernels.pinned_launches[(n + 8, k, 0, 0)] == before[(n + 8, k, 0, 0)] == 0
+
+
+def test_the_tile_file_is_read_validated_and_written_per_device(tmp_path):
+    from xlstm_tune.kernels.decode_tiles import TILES_FILE, load_tiles, save_tiles
+
+    assert isinstance(load_tiles(TILES_FILE), dict)  # the shipped file parses and validates
+    path = tmp_path / "tiles.json"
+    save_tiles("GPU A", {(1024, 2752, 0, 1): (4, 1024, 8, 2)}, path)
+    save_tiles("GPU B", {(3080, 1024, 1, 0): (8, 512, 4, 3)}, path)
+    save_tiles("GPU A", {(1024, 1024, 2, 1): (2, 1024, 4, 3)}, path)  # replaces A's entries, keeps B's
+    assert load_tiles(path) == {"GPU A": {(1024, 1024, 2, 1): (2, 1024, 4, 3)},
+                                "GPU B": {(3080, 1024, 1, 0): (8, 512, 4, 3)}}
+    for bad, why in [([4, 1000, 8, 2], "not a tile"), ([4, 1024], "expected"), ("x", "expected")]:
+        path.write_text('{"devices": {"GPU A": {"N=1 K=2 prologue=0 epilogue=0": %s}}}' % __import__("json").dumps(bad))
+        with pytest.raises(ValueError, match=why) as err:
+            load_tiles(path)
+        assert "GPU A" in str(err.value) and "\n" not in str(err.value)
+    path.write_text('{"devices": {"GPU A": {"1024x2752": [4, 1024, 8, 2]}}}')
+    with pytest.raises(ValueError, match="is not a shape"):
+        load_tiles(path)
+
+
 @pytest.mark.parametrize("batch,n,k", [(b, 40, 96) for b in BATCHES + [17]] + [(3, 70, 300)])
 def test_fused_gemv_rows_match_float64(kernels, seed, batch, n, k):
     """Every row of x [B, K] against float64; the rows arrive strided (a slice of a wider buffer).

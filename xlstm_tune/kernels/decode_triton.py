@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from xlstm_tune.kernels.decode_tiles import ShapeKey, Tile, load_tiles
 
 PRO_NONE, PRO_RMS, PRO_HEAD_NORM = 0, 1, 2
 EPI_NONE, EPI_RESIDUAL, EPI_SWIGLU, EPI_SOFT_CAP = 0, 1, 2, 3
@@ -50,6 +53,12 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if _INTERPRETED:  # Triton's CPU interpreter (tests) cannot time configurations
     _CONFIGS = _CONFIGS[2:3]
     _ROWS_CONFIGS = _ROWS_CONFIGS[2:3]
+# Batch-1 product tiles fixed per shape instead of autotuned: the shipped decode_tiles.json entries of the
+# running GPU, and PINNED, which tools and tests set in-process (it wins). pinned_launches counts the
+# products launched with a fixed tile, per shape: what ran, not what was asked for (a captured graph's
+# replays rerun its launches without passing here).
+PINNED: dict[ShapeKey, Tile] = {}
+pinned_launches: Counter[ShapeKey] = Counter()
 ROWS_PER_PROGRAM = 16  # batch rows one program of the rows kernel applies its weight tile to
 MAX_FUSED_BATCH = 16  # the fused step's batch range: beyond it, weight tiles would be read once per 16 rows
 
@@ -57,6 +66,20 @@ MAX_FUSED_BATCH = 16  # the fused step's batch range: beyond it, weight tiles wo
 @functools.lru_cache(maxsize=None)
 def _hopper_or_newer(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_tiles(device_index: int) -> dict[ShapeKey, Tile]:
+    return load_tiles().get(torch.cuda.get_device_name(device_index), {})
+
+
+def pinned_tile(x: Tensor, key: ShapeKey) -> Tile | None:
+    """The fixed tile of a batch-1 product of this shape on x's device, or None (autotune it)."""
+    if key in PINNED:
+        return PINNED[key]
+    if _INTERPRETED or not x.is_cuda:
+        return None
+    return _shipped_tiles(x.device.index if x.device.index is not None else torch.cuda.current_device()).get(key)
 
 
 def _pdl(t: Tensor) -> bool:
@@ -329,13 +352,20 @@ def fused_gemv(x: Tensor, weight: Tensor, out: Tensor, *, bias: Tensor | None = 
         epilogue = EPI_SOFT_CAP
     heads = K // head_dim
     pdl = _pdl(x)
-    _fused_gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, weight, out, bias if bias is not None else x, residual if residual is not None else x, norm_w, gate,
-        N, K, weight.stride(0), float(eps), float(soft_cap or 1.0),
-        PROLOGUE=prologue, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
-        HEAD_DIM=head_dim, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM_P2=triton.next_power_of_2(head_dim),
-        PDL=pdl, launch_pdl=pdl,
-    )
+    args = (x, weight, out, bias if bias is not None else x, residual if residual is not None else x, norm_w, gate,
+            N, K, weight.stride(0), float(eps), float(soft_cap or 1.0))
+    meta = dict(PROLOGUE=prologue, EPILOGUE=epilogue, HAS_BIAS=bias is not None, HEAD_DIM=head_dim,
+                HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM_P2=triton.next_power_of_2(head_dim), PDL=pdl,
+                launch_pdl=pdl)
+    key = (N, K, prologue, epilogue)
+    tile = pinned_tile(x, key)
+    if tile is None:
+        _fused_gemv_kernel[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **meta)
+    else:  # the kernel under the autotuner, with the fixed tile
+        block_n, block_k, warps, stages = tile
+        _fused_gemv_kernel.fn[(triton.cdiv(N, block_n),)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k,
+                                                          num_warps=warps, num_stages=stages)
+        pinned_launches[key] += 1
     return out
 
 
