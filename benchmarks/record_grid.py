@@ -19,6 +19,10 @@ The `streams` knob on one H200 (1 native and 18 queued configurations, ~6.5 minu
     python benchmarks/record_grid.py --experiment experiments/grid_350m_gpu_streams.toml \
         --name xlstm350m_h200_streams --budget-s 400
 
+On a CPU, eager and compiled decode with what the compile costs (12 configurations, ~30 s on 2 cores):
+
+    python benchmarks/record_grid.py --experiment experiments/grid_tiny_decode.toml --name tiny_cpu_decode
+
 On a CPU, every backend and every CPU knob of the `tiny` model (81 configurations, ~2 minutes on 2 cores):
 
     python benchmarks/record_grid.py --experiment experiments/grid_tiny.toml --name tiny_cpu_all \

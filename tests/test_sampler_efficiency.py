@@ -215,3 +215,19 @@ def test_the_benchmark_replays_redrawn_recordings(capsys) -> None:
     assert [r[1] for r in rows] == ["on", "off"]
     assert mod.main(["--data", str(ALL_BACKENDS[1]), "--noise", "2"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0  # one line, naming the fix
+
+
+def test_the_cpu_decode_grid_records_both_decode_modes_and_where_the_compile_was_paid() -> None:
+    """benchmarks/data/tiny_cpu_decode: every configuration of its space (eager and compiled decode) measured
+    to the end, each with the step that ran; torch.compile's first compile is in the first compiled
+    configuration's recorded cost only (the worker keeps the compiled step), which replay charges there."""
+    src, spec, space = _grid(GRID.parent / "tiny_cpu_decode")
+    keys = {knob_key(k) for k in space.iter_configs()}
+    assert keys == set(src.lookup) and not src.partial
+    modes = {r["decode_mode"] for r in src.lookup.values()}
+    assert modes == {"eager", "compiled"}
+    assert all(r["decode_path"] == r["decode_mode"] for r in src.lookup.values())
+    compiled = sorted((r for r in src.lookup.values() if r["decode_mode"] == "compiled"), key=lambda r: r["number"])
+    assert compiled[0]["decode_compile_s"] > 1.0  # the first compile, seconds on a CPU
+    assert all(r["decode_compile_s"] < compiled[0]["decode_compile_s"] / 10 for r in compiled[1:])
+    assert compiled[0]["stage_s"]["decode"] >= compiled[0]["decode_compile_s"]
