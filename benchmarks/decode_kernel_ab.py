@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlstm_tune import RuntimeOptions, load_model  # noqa: E402
+from xlstm_tune.bench.harness import clone_state  # noqa: E402
 from xlstm_tune.model.fused_decode import FusedDecodeStep  # noqa: E402
 from xlstm_tune.runtime import device as dev  # noqa: E402
 
@@ -40,6 +41,22 @@ def load_kernels(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def alternating_rounds(graphs: list, rounds: int, tokens: int) -> list[list[float]]:
+    """µs per token of each graph in each of `rounds` rounds of `tokens` replays, the order of the graphs
+    reversed every other round, so neither always runs first."""
+    times: list[list[float]] = [[] for _ in graphs]
+    order = list(range(len(graphs)))
+    for r in range(rounds):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                graphs[i].replay()
+            torch.cuda.synchronize()
+            times[i].append((time.perf_counter() - t0) / tokens * 1e6)
+    return times
 
 
 def main() -> int:
@@ -66,12 +83,12 @@ def main() -> int:
     _, state0 = model(prompt)
     token = prompt[:, -1:].clone()
     step = FusedDecodeStep(model.net, kernels["this tree"])
-    state = [tuple(t.clone() for t in block) for block in state0]
+    state = clone_state(state0)
 
     logits = {}
     for name, k in kernels.items():  # one step from the same state, outside any graph: the same result?
         step.k = k
-        logits[name] = step(token, [tuple(t.clone() for t in block) for block in state0]).clone()
+        logits[name] = step(token, clone_state(state0)).clone()
     a, b = logits["base"].double(), logits["this tree"].double()
     print(f"{args.model} {args.dtype} batch {args.batch} on {torch.cuda.get_device_name()} "
           f"(torch {torch.__version__}); logits of one step, this tree against base: "
@@ -81,22 +98,14 @@ def main() -> int:
     for name, k in kernels.items():  # the step object's buffers are shared; each graph holds its own launches
         step.k = k
         graphs[name], _ = dev.capture_graph("cuda", lambda: step(token, state))
-    times: dict[str, list[float]] = {name: [] for name in graphs}
-    order = list(graphs)
-    for r in range(args.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.tokens):
-                graphs[name].replay()
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) / args.tokens * 1e6)
+    times = dict(zip(graphs, alternating_rounds(list(graphs.values()), args.rounds, args.tokens)))
     ratios = [tb / tt for tb, tt in zip(times["base"], times["this tree"])]
     print("| round | base (µs per token) | this tree (µs per token) | base / this tree |\n|---|---|---|---|")
     for r, (tb, tt, q) in enumerate(zip(times["base"], times["this tree"], ratios)):
         print(f"| {r} | {tb:.1f} | {tt:.1f} | {q:.3f} |")
     print(f"median: base {statistics.median(times['base']):.1f} µs, "
-          f"this tree {statistics.median(times['this tree']):.1f} µs per token; ratio median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f}; "
+          f"this tree {statistics.median(times['this tree']):.1f} µs per token; "
+          f"ratio median {statistics.median(ratios):.3f} (rounds {min(ratios):.3f}–{max(ratios):.3f}; "
           f"> 1: this tree is faster)")
     model.close()
     return 0

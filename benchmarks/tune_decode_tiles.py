@@ -20,14 +20,15 @@ import argparse
 import importlib
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from decode_kernel_ab import alternating_rounds  # noqa: E402  (beside this script)
 from xlstm_tune import RuntimeOptions, load_model  # noqa: E402
+from xlstm_tune.bench.harness import clone_state  # noqa: E402
 from xlstm_tune.kernels.decode_tiles import TILES_FILE, save_tiles, shape_name  # noqa: E402
 from xlstm_tune.model.fused_decode import FusedDecodeStep  # noqa: E402
 from xlstm_tune.runtime import device as dev  # noqa: E402
@@ -38,18 +39,8 @@ def tile_of(config) -> tuple[int, int, int, int]:
 
 
 def race(graphs: list, rounds: int, tokens: int) -> list[float]:
-    """Median µs per token of each graph over `rounds` rounds, the order reversed every other round."""
-    times: list[list[float]] = [[] for _ in graphs]
-    order = list(range(len(graphs)))
-    for r in range(rounds):
-        for i in (order if r % 2 == 0 else order[::-1]):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(tokens):
-                graphs[i].replay()
-            torch.cuda.synchronize()
-            times[i].append((time.perf_counter() - t0) / tokens * 1e6)
-    return [statistics.median(t) for t in times]
+    """Median µs per token of each graph over alternating rounds."""
+    return [statistics.median(t) for t in alternating_rounds(graphs, rounds, tokens)]
 
 
 def main() -> int:
@@ -71,10 +62,10 @@ def main() -> int:
     _, state0 = model(prompt)
     token = prompt[:, -1:].clone()
     step = FusedDecodeStep(model.net, k)
-    state = [tuple(t.clone() for t in block) for block in state0]
+    state = clone_state(state0)
 
     def one_step() -> torch.Tensor:
-        return step(token, [tuple(t.clone() for t in block) for block in state0]).clone()
+        return step(token, clone_state(state0)).clone()
 
     k.PINNED.clear()
     reference = one_step()  # autotunes every shape not pinned by the shipped file

@@ -77,7 +77,7 @@ def pinned_tile(x: Tensor, key: ShapeKey) -> Tile | None:
     """The fixed tile of a batch-1 product of this shape on x's device, or None (autotune it)."""
     if key in PINNED:
         return PINNED[key]
-    if _INTERPRETED or not x.is_cuda:
+    if _INTERPRETED:  # no GPU to have pinned tiles for
         return None
     return _shipped_tiles(x.device.index if x.device.index is not None else torch.cuda.current_device()).get(key)
 
