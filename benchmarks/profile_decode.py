@@ -40,13 +40,18 @@ def copy_bandwidth_gb_s() -> float:
 
 
 def print_product_configs() -> None:
-    """The tile configuration the autotuner kept for each batch-1 product shape (N, K, prologue, epilogue)."""
+    """The tile each batch-1 product shape (N, K, prologue, epilogue) ran with: pinned (decode_tiles.json or
+    in-process) or the autotuner's pick."""
     from xlstm_tune.kernels import decode_triton
+    from xlstm_tune.kernels.decode_tiles import shape_name
 
     for key, config in sorted(getattr(decode_triton._fused_gemv_kernel, "cache", {}).items(), key=str):
-        n, k, prologue, epilogue = key[:4]
-        print(f"product N={n} K={k} prologue={prologue} epilogue={epilogue}: {config.kwargs}, "
-              f"{config.num_warps} warps, {config.num_stages} stages")
+        print(f"product {shape_name(key[:4])}: autotuned {config.kwargs}, {config.num_warps} warps, "
+              f"{config.num_stages} stages")
+    x = torch.empty(1, device="cuda")
+    for key in sorted(decode_triton.pinned_launches):
+        bn, bk, warps, stages = decode_triton.pinned_tile(x, key)
+        print(f"product {shape_name(key)}: pinned BLOCK_N {bn}, BLOCK_K {bk}, {warps} warps, {stages} stages")
 
 
 def main() -> int:

@@ -91,8 +91,9 @@ def test_the_tile_file_is_read_validated_and_written_per_device(tmp_path):
     path = tmp_path / "tiles.json"
     save_tiles("GPU A", {(1024, 2752, 0, 1): (4, 1024, 8, 2)}, path)
     save_tiles("GPU B", {(3080, 1024, 1, 0): (8, 512, 4, 3)}, path)
-    save_tiles("GPU A", {(1024, 1024, 2, 1): (2, 1024, 4, 3)}, path)  # replaces A's entries, keeps B's
-    assert load_tiles(path) == {"GPU A": {(1024, 1024, 2, 1): (2, 1024, 4, 3)},
+    # a second model on GPU A: its shape added, A's other shape and B's kept; a retuned shape replaced
+    save_tiles("GPU A", {(1024, 1024, 2, 1): (2, 1024, 4, 3), (1024, 2752, 0, 1): (8, 512, 4, 3)}, path)
+    assert load_tiles(path) == {"GPU A": {(1024, 1024, 2, 1): (2, 1024, 4, 3), (1024, 2752, 0, 1): (8, 512, 4, 3)},
                                 "GPU B": {(3080, 1024, 1, 0): (8, 512, 4, 3)}}
     for bad, why in [([4, 1000, 8, 2], "not a tile"), ([4, 1024], "expected"), ("x", "expected")]:
         path.write_text('{"devices": {"GPU A": {"N=1 K=2 prologue=0 epilogue=0": %s}}}' % __import__("json").dumps(bad))

@@ -74,8 +74,11 @@ def load_tiles(path: str | Path = TILES_FILE) -> dict[str, dict[ShapeKey, Tile]]
 
 
 def save_tiles(device: str, tiles: dict[ShapeKey, Tile], path: str | Path = TILES_FILE) -> Path:
-    """Replace `device`'s entries with `tiles` (other devices kept), atomically."""
+    """Set `device`'s entries for these shapes, atomically. Its other shapes (another model tuned on the same
+    GPU) and other devices are kept; the file is validated first, so a malformed one is not built upon."""
     path = Path(path)
-    doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"devices": {}}
-    doc.setdefault("devices", {})[device] = {shape_name(k): list(v) for k, v in sorted(tiles.items())}
+    merged = load_tiles(path) if path.is_file() else {}
+    merged.setdefault(device, {}).update(tiles)
+    doc = {"devices": {d: {shape_name(k): list(v) for k, v in sorted(entries.items())}
+                       for d, entries in sorted(merged.items())}}
     return write_json_atomic(path, doc)
