@@ -231,3 +231,24 @@ def test_the_cpu_decode_grid_records_both_decode_modes_and_where_the_compile_was
     assert compiled[0]["decode_compile_s"] > 1.0  # the first compile, seconds on a CPU
     assert all(r["decode_compile_s"] < compiled[0]["decode_compile_s"] / 10 for r in compiled[1:])
     assert compiled[0]["stage_s"]["decode"] >= compiled[0]["decode_compile_s"]
+
+
+def test_the_gpu_decode_grid_records_every_decode_mode_of_native_and_screens_queued() -> None:
+    """benchmarks/data/xlstm350m_h200_decode: every native configuration of its space (chunk 64/128/256 x
+    eager/graph/compiled) measured to the end with the step that ran (graph through the fused kernels);
+    the compiled step's first compile is in the first compiled configuration's cost only; every queued
+    configuration has its own screened figure and stopped there."""
+    src, spec, space = _grid(GRID.parent / "xlstm350m_h200_decode")
+    configs = list(space.iter_configs())
+    native = {knob_key(k) for k in configs if k["backend"] == "native"}
+    queued = {knob_key(k) for k in configs if k["backend"] == "queued"}
+    assert len(native) == 9 and len(queued) == 9
+    assert set(src.lookup) == native and set(src.partial) == queued
+    assert {r["decode_path"] for r in src.lookup.values()} == {"eager", "graph:fused", "compiled"}
+    for rec in src.lookup.values():
+        assert rec["decode_path"].split(":")[0] == rec["decode_mode"] and rec["decode_tok_s"] > 0
+    compiled = sorted((r for r in src.lookup.values() if r["decode_mode"] == "compiled"), key=lambda r: r["number"])
+    assert compiled[0]["decode_compile_s"] > 10.0  # the first compile of the step, seconds on the GPU
+    assert all(r["decode_compile_s"] < compiled[0]["decode_compile_s"] / 10 for r in compiled[1:])
+    for rec in src.partial.values():
+        assert set(rec["stage_s"]) == {"screen"} and rec["prefill_tok_s_ctx512"] > 0
