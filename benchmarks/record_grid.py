@@ -19,6 +19,11 @@ The `streams` knob on one H200 (1 native and 18 queued configurations, ~6.5 minu
     python benchmarks/record_grid.py --experiment experiments/grid_350m_gpu_streams.toml \
         --name xlstm350m_h200_streams --budget-s 400
 
+Every decode mode on one H200 (native chunk 64/128/256 x eager/graph/compiled, the queued nine screened; ~5 minutes):
+
+    python benchmarks/record_grid.py --experiment experiments/grid_350m_gpu_decode.toml \
+        --name xlstm350m_h200_decode --budget-s 530
+
 On a CPU, eager and compiled decode with what the compile costs (12 configurations, ~30 s on 2 cores):
 
     python benchmarks/record_grid.py --experiment experiments/grid_tiny_decode.toml --name tiny_cpu_decode
