@@ -2,18 +2,13 @@
 kernels that move between them is built from what each process's profiler saw."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_prefill.py"
+from benchmark_scripts import load_benchmark
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("profile_prefill", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+    return load_benchmark("profile_prefill")
 
 
 def test_two_processes_measure_the_same_prefill_and_list_the_kernels_that_move(capsys) -> None:

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("optuna")
 
@@ -102,13 +103,7 @@ def test_replay_measures_what_the_study_measures_first_and_early_stopping_then_n
 
 
 def _benchmark():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_efficiency.py"
-    spec = importlib.util.spec_from_file_location("sampler_efficiency", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
+    return load_benchmark("sampler_efficiency")
 
 
 def test_runs_that_never_reach_the_target_count_in_the_median(capsys) -> None:

@@ -272,12 +272,9 @@ def test_trace_helpers(source: Path, tmp_path: Path) -> None:
 
 
 def test_sampler_efficiency_benchmark_runs(capsys) -> None:
-    import importlib.util
+    from benchmark_scripts import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampler_efficiency.py"
-    spec = importlib.util.spec_from_file_location("sampler_efficiency", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    mod = load_benchmark("sampler_efficiency")
     assert mod.main(["--seeds", "2", "--samplers", "random,tpe,grid"]) == 0
     text = capsys.readouterr().out
     assert "recorded grid tiny_cpu_grid: 54 measured configurations" in text
