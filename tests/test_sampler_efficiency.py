@@ -247,3 +247,21 @@ def test_the_gpu_decode_grid_records_every_decode_mode_of_native_and_screens_que
     assert all(r["decode_compile_s"] < compiled[0]["decode_compile_s"] / 10 for r in compiled[1:])
     for rec in src.partial.values():
         assert set(rec["stage_s"]) == {"screen"} and rec["prefill_tok_s_ctx512"] > 0
+
+
+def test_the_every_knob_gpu_grid_spans_every_knob_and_backend_of_the_350m_model() -> None:
+    """experiments/grid_350m_gpu_every_knob.toml, resolved with the model and capabilities the H200 recording
+    with Ray saw: every knob varies, every backend is there, and the distinct configurations are the ones
+    its header counts (the screen at 128 tokens is the shortest context)."""
+    from xlstm_tune.study.spec import load_spec
+
+    src, _, _ = _grid(ALL_BACKENDS[0])
+    spec = load_spec(GRID.parents[2] / "experiments" / "grid_350m_gpu_every_knob.toml")
+    space = SearchSpace.resolve(spec, source_model_info(src), source_capabilities(src))
+    assert all(len(dim.values()) >= 2 for dim in space.dims.values()) and len(space.dims) == 7
+    configs = list(space.iter_configs())
+    by_backend = {b: sum(k["backend"] == b for k in configs) for b in ("native", "queued", "ray")}
+    assert by_backend == {"native": 6, "queued": 72, "ray": 24}
+    assert {k["decode_mode"] for k in configs} == {"eager", "graph", "compiled"}
+    assert {k["streams"] for k in configs if k["backend"] == "queued"} == {0, 2}
+    assert min(spec.workload["context_lens"]) == 128
