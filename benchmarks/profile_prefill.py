@@ -12,7 +12,9 @@ Python), not on the kernels.
 
 With --processes N the same measurement runs in N fresh processes, one after another, and prints each
 process's figures and the kernels whose time moves most between them: what to look at when the same tree
-prefills at different speeds in different processes (docs/PERFORMANCE.md, 2026-12-03).
+prefills at different speeds in different processes (docs/PERFORMANCE.md, 2026-12-03). With --base TREE
+(a checkout or `git archive` of another commit) N processes of each tree alternate, and the table adds each
+tree's median and their ratio: a prefill A/B in which both trees see the same machine.
 """
 from __future__ import annotations
 
@@ -29,8 +31,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xlstm_tune import RuntimeOptions, load_model  # noqa: E402
-
 GEMM_MARKERS = ("gemm", "sm90_xmma", "cutlass", "ampere_", "sm80_", "nvjet", "gemv", "addmm", "mm_")
 
 
@@ -45,6 +45,11 @@ def group_of(name: str) -> str:
 
 def measure(args: argparse.Namespace) -> dict:
     """One process's prefill: timed repeats, then one profiled run, as plain numbers."""
+    if args.tree:  # the other tree of an A/B: its package first (nothing of it is imported before here)
+        sys.path.insert(0, str(Path(args.tree).resolve()))
+    import xlstm_tune
+    from xlstm_tune import RuntimeOptions, load_model
+
     gpu = args.device.startswith("cuda")
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        runtime=RuntimeOptions(backend="native", chunk_size=args.chunk_size, compile=args.compile))
@@ -81,7 +86,7 @@ def measure(args: argparse.Namespace) -> dict:
         "length": args.length, "cell_products": sorted(model.stats.cell_products), "first_s": first_s,
         "tok_s": args.length / median, "cv": statistics.pstdev(times) / statistics.mean(times),
         "profiled_ms": profiled_s * 1e3, "busy_ms": sum(kernels.values()), "launches": sum(calls.values()),
-        "kernels": kernels, "calls": calls,
+        "kernels": kernels, "calls": calls, "package": str(Path(xlstm_tune.__file__).resolve().parent),
     }
     model.close()
     return out
@@ -105,12 +110,18 @@ def print_profile(res: dict, top: int) -> None:
 
 
 def print_between(results: list[dict], top: int) -> None:
-    """Each process's figures, then the kernels whose time differs most between processes."""
-    print("| process | tok/s | CV | first prefill s | profiled ms | kernels ms | busy | kernel calls |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Each process's figures (and each tree's median), then the kernels whose time differs most."""
+    print("| process | tree | tok/s | CV | first prefill s | profiled ms | kernels ms | busy | kernel calls |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for i, r in enumerate(results, 1):
-        print(f"| {i} | {r['tok_s']:,.0f} | {r['cv']:.1%} | {r['first_s']:.1f} | {r['profiled_ms']:.1f} | "
+        print(f"| {i} | {r['tree']} | {r['tok_s']:,.0f} | {r['cv']:.1%} | {r['first_s']:.1f} | {r['profiled_ms']:.1f} | "
               f"{r['busy_ms']:.1f} | {r['busy_ms'] / r['profiled_ms']:.0%} | {r['launches']} |")
+    trees = sorted({r["tree"] for r in results}, key=lambda t: t != "this")
+    medians = {t: statistics.median(r["tok_s"] for r in results if r["tree"] == t) for t in trees}
+    packages = {t: sorted({r["package"] for r in results if r["tree"] == t}) for t in trees}
+    print("\npackages: " + "; ".join(f"{t} {', '.join(p)}" for t, p in packages.items()))
+    print("; ".join(f"{t}: median {m:,.0f} tok/s" for t, m in medians.items())
+          + (f"; this / base {medians['this'] / medians['base']:.3f}x" if len(trees) == 2 else ""))
     names = set().union(*(r["kernels"] for r in results))
     spread = {n: [r["kernels"].get(n, 0.0) for r in results] for n in names}
     moving = sorted(names, key=lambda n: max(spread[n]) - min(spread[n]), reverse=True)[:top]
@@ -132,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="run the prefill kernels eagerly")
     ap.add_argument("--repeats", type=int, default=5, help="timed prefills before the profiled one")
     ap.add_argument("--processes", type=int, default=1, help="measure in this many fresh processes, in turn")
+    ap.add_argument("--base", type=Path, default=None, help="another tree: its processes alternate with this one's")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one process: JSON on stdout
+    ap.add_argument("--tree", default=None, help=argparse.SUPPRESS)  # the worker's package tree (--base)
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.processes < 1:
         print("profile_prefill.py: --repeats and --processes must be at least 1", file=sys.stderr)
@@ -145,18 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure(args)))
         return 0
-    if args.processes == 1:
+    if args.base is not None and not (args.base / "xlstm_tune" / "__init__.py").is_file():
+        print(f"profile_prefill.py: --base {args.base} holds no xlstm_tune package: give a checkout or "
+              "`git archive <commit> xlstm_tune | tar -x -C DIR` of the baseline", file=sys.stderr)
+        return 2
+    if args.processes == 1 and args.base is None:
         print_profile(measure(args), args.top)
         return 0
-    argv = [a for a in (sys.argv[1:] if argv is None else argv)]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trees = [("this", None)] + ([("base", str(args.base))] if args.base is not None else [])
     results = []
     for i in range(args.processes):
-        proc = subprocess.run([sys.executable, __file__, *argv, "--worker"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            print(f"profile_prefill.py: process {i + 1} failed (exit {proc.returncode}): {tail}", file=sys.stderr)
-            return 1
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        for label, tree in trees:
+            cmd = [sys.executable, __file__, *argv, "--worker"] + (["--tree", tree] if tree else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                print(f"profile_prefill.py: process {len(results) + 1} ({label}) failed (exit {proc.returncode}): "
+                      f"{tail}", file=sys.stderr)
+                return 1
+            results.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "tree": label})
     print_profile(results[0], args.top)
     print()
     print_between(results, args.top)

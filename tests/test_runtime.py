@@ -10,6 +10,8 @@ import torch
 from conftest import rel_err
 from xlstm_tune import RuntimeOptions, load_model
 from xlstm_tune.errors import DeviceUnavailableError, UserError
+from xlstm_tune.model.xlstm import lm_logits
+from xlstm_tune.runtime.tiles import compiled
 
 TOL = 1e-4
 
@@ -140,12 +142,15 @@ def test_compiled_step_block_matches_and_is_counted(model, seed):
     """
     ids = torch.randint(0, 256, (1, 12))
     ref, _ = model.reference_forward(ids)
+    head = compiled("lm_logits", lm_logits)  # the process's shared compiled head: its calls count what ran
+    before = head.calls
     model.runtime = RuntimeOptions(backend="queued", chunk_size=4, heads_per_band=1, t_inner=4, workers=4, compile=True,
                                    decode_mode="compiled")
     out, state = model(ids)
     assert rel_err(out, ref) < TOL, f"seed={seed}"
     stats = model.stats.as_dict()
     assert stats["compiled_calls"] > 0 and stats["eager_calls"] == 0
+    assert head.calls == before + 1  # the final norm, head and soft cap ran compiled, once per prefill
     # compiled decode equals eager decode
     token = ids[:, -1:]
     model.stats.reset()
@@ -154,6 +159,8 @@ def test_compiled_step_block_matches_and_is_counted(model, seed):
     model.runtime = RuntimeOptions(backend="queued", compile=False, decode_mode="eager")
     eager_logits, _ = model(token, state)
     assert rel_err(compiled_logits, eager_logits) < TOL
+    model(ids)  # an uncompiled prefill and the decode steps above never call the compiled head
+    assert head.calls == before + 1
 
 
 def test_streams_and_graph_unavailable_on_cpu_fail_clearly(model):

@@ -100,6 +100,14 @@ def mlstm_block_out(x: Tensor, h: Tensor, o: Tensor, head_norm_args: tuple, out_
     return x + swiglu(rms_norm(x, *ffn_norm), up_w, up_b, down_w, down_b, ffn_dim, matvec)
 
 
+def lm_logits(x: Tensor, out_norm: tuple, head_w: Tensor, cap: float | None,
+              matvec: Callable[..., Tensor] | None) -> Tensor:
+    """Final norm, head product and soft cap: float32 logits [..., V]. Compiled for prefill, the logits'
+    cast and cap become one pass over the S x V logits instead of four (and one float32 buffer, not three)."""
+    x = rms_norm(x, *out_norm)
+    return soft_cap(linear(x.to(head_w.dtype), head_w, None, matvec).float(), cap)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, use_bias: bool = False, force_float32: bool = True):
         super().__init__()
@@ -348,9 +356,11 @@ class XLSTMForCausalLM(nn.Module):
         for block, block_state in zip(self.backbone.blocks, state):
             x, block_state = block(x, block_state, runtime)
             new_state.append(block_state)
-        x = self.backbone.out_norm(x)
-        logits = linear(x.to(self.lm_head.weight.dtype), self.lm_head.weight, None, self.matvec).float()
-        return soft_cap(logits, self.config.output_logit_soft_cap), new_state
+        head = compiled("lm_logits", lm_logits) if runtime is not None and runtime.tile.compile else lm_logits
+        norm = self.backbone.out_norm
+        logits = head(x, (norm.weight, norm.bias, norm.eps, norm.force_float32), self.lm_head.weight,
+                      self.config.output_logit_soft_cap, self.matvec)
+        return logits, new_state
 
     def decode_step(self, token: Tensor, state: ModelState) -> tuple[Tensor, ModelState]:
         """One token [B, 1] through the plain step kernels (the function decode modes compile/capture)."""

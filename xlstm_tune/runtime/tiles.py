@@ -121,8 +121,12 @@ class CompiledKernel:
         self.fn = torch.compile(fn, dynamic=False)
         self.warm: set = set()
         self.gate = gate
+        self.calls = 0  # calls made through the compiled function: what ran, for tests and benchmarks
+        self._calls_lock = threading.Lock()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._calls_lock:
+            self.calls += 1
         key = _signature((args, kwargs))
         if key in self.warm:
             with self.gate.warm_call():
