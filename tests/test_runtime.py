@@ -266,3 +266,20 @@ def test_compile_gate_keeps_warm_calls_out_of_a_running_compile():
     assert compiled.wait(10) and late.wait(10)
     for t in threads:
         t.join()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_logits_cap_in_place_is_the_out_of_place_formula_bit_for_bit(seed, dtype):
+    """lm_logits caps the fresh logits in place: the same values as cap * tanh(logits / cap), exactly, and
+    none of its inputs touched (with float32 weights the product's output is the tensor being capped)."""
+    from xlstm_tune.model.xlstm import linear, rms_norm
+
+    x = torch.randn(2, 7, 16).to(dtype)
+    norm = (torch.rand(16) + 0.5, None, 1e-6, True)
+    w = (torch.randn(300, 16) / 4).to(dtype)
+    x0, w0 = x.clone(), w.clone()
+    got = lm_logits(x, norm, w, 30.0, None)
+    plain = linear(rms_norm(x, *norm).to(dtype), w, None, None).float()
+    assert got.dtype == torch.float32 and torch.equal(got, 30.0 * torch.tanh(plain / 30.0)), f"seed={seed}"
+    assert torch.equal(lm_logits(x, norm, w, None, None), plain)
+    assert torch.equal(x, x0) and torch.equal(w, w0)
