@@ -54,6 +54,8 @@ OUR_CONFIGS = {
                                _env={"XLSTM_DECODE_PDL": "0"}),  # A/B: decode kernels without dependent launch
     "native-c128-ieee-cell": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
                                   _env={"XLSTM_TF32_CELL": "0"}),  # A/B: float32 cell products without TF32
+    "native-c128-prefill-graph": dict(backend="native", chunk_size=128, compile=True, decode_mode="graph",
+                                      _env={"XLSTM_PREFILL_GRAPH": "1"}),  # prefill replayed from a device graph
     "native-compiled-decode": dict(backend="native", chunk_size=64, compile=True, decode_mode="compiled"),
     "queued-streams": dict(backend="queued", chunk_size=64, t_inner=16, heads_per_band=2, workers=4, streams=4,
                            compile=True, decode_mode="graph"),
@@ -181,6 +183,7 @@ def worker_ours(model_name: str, config: dict, args) -> dict:
         model(torch.randint(0, model.config.vocab_size, (1, args.lengths[0]), device=args.device))
         res["kernel_paths"] = dict(model.stats.kernel_paths)
         res["cell_products"] = sorted(model.stats.cell_products)
+        res["prefill_paths"] = dict(model.stats.prefill_paths)  # what that prefill ran: call or graph:replay
     res["decode_path"] = decode_paths.get(1, model.decode_path)
     res.update({f"decode_path@b{b}": p for b, p in decode_paths.items() if b != 1})
     res["load_s"] = load_s

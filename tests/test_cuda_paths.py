@@ -119,3 +119,64 @@ def test_triton_gemv_matches_float64(seed, n, k, dtype):
     assert y.shape == (1, 1, n) and y.dtype == dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 output rounding
     assert rel_err(y.view(1, n), ref) < tol, f"seed={seed}"
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_prefill_graph_replays_each_prompt_with_its_own_answer(model, seed, compile, monkeypatch):
+    """XLSTM_PREFILL_GRAPH=1: the first prefill of a shape captures, later ones replay. Each prompt must
+    get its own logits and state (not the captured prompt's), match the launched prefill and the float64-
+    tracking canonical path, and the caller's results must survive the next replay (they are copies)."""
+    options = RuntimeOptions(backend="native", chunk_size=16, compile=compile)
+    model.runtime = options
+    prompts = [torch.randint(0, 256, (2, 45), device="cuda") for _ in range(3)]
+    launched = [model(p) for p in prompts]
+    assert model.stats.as_dict()["prefill_paths"] == {"call": 3}
+    monkeypatch.setenv("XLSTM_PREFILL_GRAPH", "1")
+    model.runtime = options
+    replayed = [model(p) for p in prompts]
+    first_logits = replayed[0][0].clone()
+    again, _ = model(prompts[1])  # a replay after the others: replayed[0] must not change under it
+    assert torch.equal(replayed[0][0], first_logits)
+    assert model.stats.as_dict()["prefill_paths"] == {"graph:capture": 1, "graph:replay": 4}
+    for p, (want, want_state), (got, got_state) in zip(prompts, launched, replayed):
+        assert rel_err(got, want) < TOL, f"seed={seed}"
+        assert rel_err(got, model.reference_forward(p)[0]) < TOL, f"seed={seed}"
+        for a, b in zip(got_state, want_state):
+            for x, y in zip(a, b):
+                assert rel_err(x, y) < TOL or torch.equal(x, y)
+    assert rel_err(again, launched[1][0]) < TOL
+    assert not torch.equal(replayed[0][0], replayed[1][0])
+
+
+def test_prefill_graph_continues_a_state_and_counts_the_kernels_of_every_replay(model, seed, monkeypatch):
+    """A prefill from a given state (a second prompt segment) captures its own graph; the kernel counts of
+    a replay are those of a launched prefill, so the harness's path checks hold; at most `max_graphs`
+    shapes are kept, the least recently used dropped first."""
+    options = RuntimeOptions(backend="native", chunk_size=16, compile=True)
+    model.runtime = options
+    head, tail = torch.randint(0, 256, (1, 40), device="cuda"), torch.randint(0, 256, (1, 24), device="cuda")
+    _, state = model(head)
+    want, want_state = model(tail, state)
+    model.stats.reset()
+    model(tail, state)
+    launched_counts = model.stats.as_dict()
+    monkeypatch.setenv("XLSTM_PREFILL_GRAPH", "1")
+    model.runtime = options
+    _, state_g = model(head)
+    got, got_state = model(tail, state_g)
+    assert rel_err(got, want) < TOL, f"seed={seed}"
+    assert all(rel_err(x, y) < TOL or torch.equal(x, y) for a, b in zip(got_state, want_state) for x, y in zip(a, b))
+    model.stats.reset()
+    model(tail, state_g)
+    replay = model.stats.as_dict()
+    assert replay["prefill_paths"] == {"graph:replay": 1}
+    for key in ("kernel_paths", "chunks_run", "tokens_prefilled", "chunk_lengths", "cell_products"):
+        assert replay[key] == launched_counts[key], key
+    assert len(model._prefill_graphs) == 2
+    model.runtime = options.replace(compile=False)  # new shapes below: no compile per shape
+    model(head)
+    graphs = model._prefill_graphs
+    for n in range(1, graphs.max_graphs + 1):  # more shapes than are kept
+        model(torch.randint(0, 256, (1, 16 + n), device="cuda"))
+    assert len(graphs) == graphs.max_graphs
+    assert graphs._key(head, None) not in graphs._graphs  # the oldest shape went first

@@ -144,13 +144,22 @@ def _check_lengths(knob: str, size: int, lengths: set[int], what: str) -> None:
         raise PathMismatchError(f"{knob}={size} asked for, but {what} of {sorted(lengths)} steps ran")
 
 
-def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True, has_slstm: bool = False) -> None:
+def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True, has_slstm: bool = False,
+                 prefill_graph: bool | None = None) -> None:
     """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for.
 
     Everything checked was counted where the work happened (runtime.tiles.RunStats), not read back from
-    the options: kernel paths, lengths of the chunks and step-blocks that ran, band widths, and for the
-    step-tile backends one task per chunk of one band.
+    the options: kernel paths, lengths of the chunks and step-blocks that ran, band widths, for the
+    step-tile backends one task per chunk of one band, and (`prefill_graph` given: whether the switch is
+    in force here) whether the prefills replayed a device graph or launched their calls.
     """
+    if prefill_graph is not None:
+        paths = set(stats.get("prefill_paths") or {})
+        graph = prefill_graph and options.backend == "native"
+        want = {"graph:replay"} if graph else {"call"}
+        if paths - {"graph:capture"} != want:
+            raise PathMismatchError(f"backend={options.backend} with prefill_graph={'on' if prefill_graph else 'off'} "
+                                    f"should prefill by {sorted(want)} but ran {sorted(paths)}")
     ran = set(stats.get("kernel_paths") or {})
     want = expected_kernel_paths(options, has_mlstm=has_mlstm, has_slstm=has_slstm)
     if ran != want:
@@ -203,7 +212,8 @@ class PrefillResult(TimedResult):
     load: dict[str, Any] = field(default_factory=dict)
 
     def flat(self) -> dict[str, Any]:
-        """Columns `prefill_tok_s_ctx<L>` (+ _p20/_p80/_cv/_n), `prefill_s_ctx<L>`, first-call and compile time."""
+        """Columns `prefill_tok_s_ctx<L>` (+ _p20/_p80/_cv/_n), `prefill_s_ctx<L>`, first-call and compile time,
+        `prefill_path_ctx<L>`."""
         sfx = f"_ctx{self.context_len}"
         out: dict[str, Any] = {}
         for key, value in self.tok_s.as_dict("prefill_tok_s").items():
@@ -213,8 +223,14 @@ class PrefillResult(TimedResult):
         out["prefill_compile_s" + sfx] = self.compile_s
         out["prefill_rounds" + sfx] = self.rounds
         out["prefill_cv_high" + sfx] = self.cv_high
+        out["prefill_path" + sfx] = self.path
         out.update(_load_columns("prefill", sfx, self.load))
         return out
+
+    @property
+    def path(self) -> str:
+        """How the measured prefills ran, as counted: `graph` (replays of a captured device graph) or `call`."""
+        return "graph" if (self.stats.get("prefill_paths") or {}).get("graph:replay") else "call"
 
 
 @dataclass
@@ -279,7 +295,10 @@ def bench_prefill(model: Any, ids: Any, settings: BenchSettings, *, model_info: 
     first = time_first_call(call, sync, before=announce)
     m, load = settings.measure(call, sync, model.device, before=announce)
     stats = model.stats.as_dict()
-    verify_stats(options, stats, has_mlstm=info.get("has_mlstm", True), has_slstm=info.get("has_slstm", False))
+    from xlstm_tune.runtime.device import prefill_graphs_enabled
+
+    verify_stats(options, stats, has_mlstm=info.get("has_mlstm", True), has_slstm=info.get("has_slstm", False),
+                 prefill_graph=prefill_graphs_enabled(model.device))
     return PrefillResult(context_len=n_tokens, tokens=int(ids.numel()), **_timing(int(ids.numel()), first, m),
                          stats=stats, flags=flags, load=load.as_dict())
 

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("  ".join(c.rjust(w) if i and i < 9 else c.ljust(w)
                                        for i, (c, w) in enumerate(zip(line, widths))).rstrip() + "\n")
         paths = sorted({path for p in report.prefill for path in p.stats.get("kernel_paths", {})})
-        sys.stdout.write(f"\nkernel paths: {', '.join(paths)}\n")
+        prefill_paths = sorted({p.path for p in report.prefill})
+        sys.stdout.write(f"\nkernel paths: {', '.join(paths)}; prefill: {', '.join(prefill_paths)}\n")
     for flag in report.flags:
         sys.stderr.write(f"note: {flag}\n")
     return 0

@@ -5,7 +5,7 @@
     add_knob_flags(p, multi=False, best=True)   --backend (--chunkwise-backend) --chunk-size --heads-per-band --workers
                                                 --t-inner --streams --decode-mode --compile/--no-compile [--best]
     add_runtime_flags(p, best=True)             --config --threads --interop-threads --tf32-cell --fused-decode
-                                                --triton-gemv [--allow-mismatch]
+                                                --triton-gemv --decode-pdl --prefill-graph [--allow-mismatch]
 
 and the readers that turn parsed flags into objects: `knob_overrides`, `runtime_from_args` (precedence
 CLI flag > best.json > environment > config file > built-in default, and best.json's target checked),
@@ -110,6 +110,7 @@ _SWITCH_FLAGS = {
     "fused_decode": "fused batch-1 decode kernels on CUDA (XLSTM_FUSED_DECODE)",
     "triton_gemv": "Triton batch-1 GEMV on CUDA (XLSTM_TRITON_GEMV)",
     "decode_pdl": "dependent launch of the fused decode kernels on Hopper+ CUDA (XLSTM_DECODE_PDL)",
+    "prefill_graph": "native prefill replayed from a device graph per prompt shape, CUDA (XLSTM_PREFILL_GRAPH)",
 }
 
 

@@ -22,6 +22,7 @@ from xlstm_tune.runtime import device as dev
 from xlstm_tune.runtime.cells import CellRuntime
 from xlstm_tune.runtime.decode import make_decode_step
 from xlstm_tune.runtime.options import RuntimeOptions
+from xlstm_tune.runtime.prefill_graph import PrefillGraphs
 from xlstm_tune.runtime.tiles import RunStats
 
 # on_step(step_index, seconds_since_previous_token) -- only called when timing is asked for.
@@ -39,6 +40,7 @@ class LanguageModel:
         self.model_id = model_id
         self._cells: CellRuntime | None = None
         self._decode: Any = None
+        self._prefill_graphs: PrefillGraphs | None = None
         # The built-in default bands 4 heads; a model with fewer heads gets one band of all of them.
         self.runtime = runtime or RuntimeOptions(heads_per_band=min(4, net.config.num_heads))
 
@@ -67,6 +69,7 @@ class LanguageModel:
         if self._cells is not None:
             self._cells.close()
         self._options, self._cells, self._decode = options, cells, decode
+        self._prefill_graphs = None  # captured for the old cells: dropped with them
 
     def _fused_step(self) -> FusedDecodeStep | None:
         """The in-place step on fused kernels (batch 1..16), where the device has them and the model fits them."""
@@ -90,6 +93,7 @@ class LanguageModel:
         return self._cells.stats  # type: ignore[union-attr]
 
     def close(self) -> None:
+        self._prefill_graphs = None
         if self._cells is not None:
             self._cells.close()
 
@@ -121,6 +125,19 @@ class LanguageModel:
         ids = self._ids(input_ids)
         if ids.shape[1] == 1 and state is not None:
             return self._decode(ids, state)
+        return self._prefill(ids, state)
+
+    def _prefill(self, ids: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
+        """The prompt through the backend; with the prefill_graph switch on (CUDA), the native backend's
+        prefill is captured per prompt shape and replayed (`runtime.prefill_graph`). The other backends
+        schedule from threads or actors, which a graph cannot hold: they always launch their calls."""
+        if dev.prefill_graphs_enabled(self.device) and self._options.backend == "native":
+            if self._prefill_graphs is None:
+                cells = self._cells
+                self._prefill_graphs = PrefillGraphs(lambda i, s: self.net.forward_tokens(i, s, cells),
+                                                     self.device, cells.stats)  # type: ignore[union-attr]
+            return self._prefill_graphs(ids, state)
+        self.stats.prefilled("call")
         return self.net.forward_tokens(ids, state, self._cells)
 
     @torch.inference_mode()

@@ -1,7 +1,8 @@
 """Runtime configuration files (`configs/*.toml`): knobs plus process-wide settings, loaded by `--config`.
 
     [knobs]     backend, chunk_size, heads_per_band, workers, t_inner, streams, decode_mode
-    [runtime]   compile, dtype, threads, interop_threads, tf32_cell, fused_decode, triton_gemv, decode_pdl
+    [runtime]   compile, dtype, threads, interop_threads, tf32_cell, fused_decode, triton_gemv, decode_pdl,
+                prefill_graph
 
 Every key is optional: a file sets what it names and the rest comes from the other levels of the
 precedence chain (CLI flag > best.json > environment > config file > built-in default). A file is read

@@ -301,12 +301,15 @@ def join_streams(device: str | torch.device, streams: Sequence[Any]) -> None:
         current.wait_stream(stream)
 
 
-def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int = 3) -> tuple[Any, Any]:
+def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int = 3, *, pool: Any = None,
+                  capture_error_mode: str = "global") -> tuple[Any, Any]:
     """Capture `fn()` into a device graph; returns (graph, fn's output held in static buffers).
 
     `fn` runs `warmup` times on a side stream first (CUDA requires it before capture, and it keeps lazy
     initialisation and autotuning out of the graph), so any in-place side effects of `fn` happen
-    `warmup` + 1 times. `graph.replay()` reruns the captured work on the same buffers.
+    `warmup` + 1 times. `graph.replay()` reruns the captured work on the same buffers. `pool` shares a
+    memory pool between graphs (`torch.cuda.graph_pool_handle()`); `capture_error_mode="thread_local"`
+    lets other threads (a memory watchdog's polls) call CUDA during the capture.
     """
     dev = _as_device(device)
     if not graphs_available(dev):
@@ -321,7 +324,7 @@ def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int
                 fn()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_error_mode):
             out = fn()
     return graph, out
 
@@ -393,6 +396,29 @@ def matvec_fn(device: str | torch.device) -> Callable[..., Any] | None:
     """
     kernels = _triton_kernels(device, "XLSTM_TRITON_GEMV", "gemv_triton")
     return None if kernels is None else kernels.gemv
+
+
+def check_prefill_graphs(device: str | torch.device) -> None:
+    """Refuse the prefill_graph switch on a device without graphs (only CUDA has them), never ignore it."""
+    dev = _as_device(device)
+    if not graphs_available(dev):
+        raise DeviceUnavailableError(
+            f"prefill_graph needs device graphs (CUDA); {dev.type} has none: set prefill_graph = false "
+            "(XLSTM_PREFILL_GRAPH=0, --no-prefill-graph)")
+
+
+def prefill_graphs_enabled(device: str | torch.device) -> bool:
+    """Whether native prefills replay captured device graphs: XLSTM_PREFILL_GRAPH=1 (off by default).
+
+    Read per call, like the other switches; on, on a device without graphs, it raises (`check_prefill_graphs`).
+    """
+    from xlstm_tune.runtime.options import _as_bool
+
+    raw = os.environ.get("XLSTM_PREFILL_GRAPH", "").strip()
+    if not raw or not _as_bool("XLSTM_PREFILL_GRAPH", raw):
+        return False
+    check_prefill_graphs(device)
+    return True
 
 
 def fused_decode_kernels(device: str | torch.device) -> ModuleType | None:

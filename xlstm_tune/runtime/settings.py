@@ -2,7 +2,8 @@
 
 The knobs (`RuntimeOptions`) say how the model schedules its work; these say how the process around it
 is set up: the weight dtype, torch's intra-op and inter-op thread counts, and the CUDA kernel switches
-(TF32 cell products, fused batch-1 decode kernels, Triton GEMV, dependent launch of the decode kernels). A measurement is only reproducible when
+(TF32 cell products, fused batch-1 decode kernels, Triton GEMV, dependent launch of the decode kernels,
+native prefill replayed from device graphs). A measurement is only reproducible when
 all of them are the same, so the study records them, best.json carries them and `run`, `bench` and
 `RuntimeOptions.from_best` apply them (docs/DESIGN.md §6a "best.json is what was measured").
 
@@ -33,8 +34,9 @@ SETTING_ENV_VARS = {
     "fused_decode": "XLSTM_FUSED_DECODE",
     "triton_gemv": "XLSTM_TRITON_GEMV",
     "decode_pdl": "XLSTM_DECODE_PDL",
+    "prefill_graph": "XLSTM_PREFILL_GRAPH",
 }
-_SWITCHES = ("tf32_cell", "fused_decode", "triton_gemv", "decode_pdl")
+_SWITCHES = ("tf32_cell", "fused_decode", "triton_gemv", "decode_pdl", "prefill_graph")
 
 
 def normalize_dtype(value: Any, where: str = "dtype") -> str:
@@ -74,6 +76,8 @@ class RuntimeSettings:
     fused_decode: the fused batch-1 decode kernels on CUDA (XLSTM_FUSED_DECODE).
     triton_gemv: the Triton batch-1 GEMV on CUDA (XLSTM_TRITON_GEMV).
     decode_pdl: programmatic dependent launch of the fused decode kernels on Hopper and newer (XLSTM_DECODE_PDL).
+    prefill_graph: the native backend's prefill captured once per prompt shape and replayed as a device
+        graph (XLSTM_PREFILL_GRAPH; CUDA only, refused elsewhere; off by default).
     """
 
     dtype: str | None = None
@@ -83,6 +87,7 @@ class RuntimeSettings:
     fused_decode: bool = True
     triton_gemv: bool = True
     decode_pdl: bool = True
+    prefill_graph: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -131,6 +136,8 @@ class RuntimeSettings:
 
         from xlstm_tune.runtime import device as dev
 
+        if self.prefill_graph:
+            dev.check_prefill_graphs(device)  # before anything is set: refused where there are no graphs
         threads = self.threads or dev.default_threads(device, concurrent)
         interop = self.interop_threads or dev.default_interop_threads(device)
         torch.set_num_threads(threads)

@@ -171,6 +171,7 @@ class RunStats:
     stream_tasks: int = 0  # tasks issued on a side device stream (queued with streams > 0)
     ray_remote_calls: int = 0  # actor method calls the Ray scheduler made
     decode_paths: Counter = field(default_factory=Counter)  # one-token decode steps run, by decode path
+    prefill_paths: Counter = field(default_factory=Counter)  # prefills run: "call", "graph:capture", "graph:replay"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     _COUNTS = ("tasks_dispatched", "compiled_calls", "eager_calls", "tokens_prefilled", "chunks_run",
@@ -190,6 +191,12 @@ class RunStats:
         """One decode step ran on `path` (eager, compiled, graph:fused, graph:step)."""
         with self._lock:
             self.decode_paths[path] += 1
+
+    def prefilled(self, path: str) -> None:
+        """One prefill ran on `path`: `call` (its kernels launched from the host), or a device graph's
+        `graph:capture` (the first prefill of a shape) and `graph:replay`."""
+        with self._lock:
+            self.prefill_paths[path] += 1
 
     def count(self, **increments: int) -> None:
         """Add to integer counters, e.g. count(chunks_run=1)."""
@@ -216,6 +223,7 @@ class RunStats:
         with self._lock:
             self.kernel_paths.update(other["kernel_paths"])
             self.decode_paths.update(other["decode_paths"])
+            self.prefill_paths.update(other.get("prefill_paths") or {})
             for key in self._COUNTS:
                 setattr(self, key, getattr(self, key) + other[key])
             for key in self._SETS:
@@ -226,6 +234,7 @@ class RunStats:
         with self._lock:
             self.kernel_paths.clear()
             self.decode_paths.clear()
+            self.prefill_paths.clear()
             for key in self._COUNTS:
                 setattr(self, key, 0)
             for key in self._SETS:
@@ -239,6 +248,7 @@ class RunStats:
             out.update({key: sorted(getattr(self, key)) for key in self._SETS})
             out["peak_in_flight"] = self.peak_in_flight
             out["decode_paths"] = dict(self.decode_paths)
+            out["prefill_paths"] = dict(self.prefill_paths)
             return out
 
 

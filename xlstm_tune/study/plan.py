@@ -155,6 +155,10 @@ def make_plan(o: StudyOptions) -> StudyPlan:
         context_lens=o.context_lens, new_tokens=o.new_tokens, repeats=o.repeats, objectives=o.objectives,
         prompt=o.prompt, prompt_file=o.prompt_file, knobs=o.knobs, config=o.config, runtime=o.runtime,
         early_stopping=o.early_stopping)
+    if src is None and spec.runtime.get("prefill_graph"):
+        from xlstm_tune.runtime.device import check_prefill_graphs
+
+        check_prefill_graphs(caps["device"])  # refused here, before a storage or tracking store exists
     if src is not None and o.study_name is None:
         spec.study["name"] = f"{src.study_name}-replay-{spec.study['sampler']}-s{spec.study['seed']}"
     name = check_study_name(spec.name)
