@@ -86,22 +86,38 @@ def test_the_harness_checks_which_prefill_path_ran() -> None:
 
 
 def test_one_replays_counts_are_one_forwards_counts() -> None:
-    """A capture runs the forward twice (warm-up, recording): a replay must add one forward's counts."""
+    """A capture runs the forward twice (warm-up, recording), counted apart from what ran before: a replay
+    must add one forward's counts and only its own shape's chunk lengths; the totals keep everything."""
     model = load_model("tiny", device="cpu", runtime=RuntimeOptions(backend="native", chunk_size=8, compile=False))
     try:
+        stats = model.stats
+        model(torch.randint(0, 256, (1, 3)))  # another shape first: chunk lengths {3}
+        earlier = stats.as_dict()
+        stats.reset()
         ids = torch.randint(0, 256, (1, 21))
-        before = model.stats.as_dict()
         model.net.forward_tokens(ids, None, model._cells)
-        one = model.stats.as_dict()
-        model.net.forward_tokens(ids, None, model._cells)
-        two = model.stats.as_dict()
+        single = stats.as_dict()
+        stats.reset()
+        stats.merge(earlier)
+
+        def two_passes() -> str:
+            for _ in range(2):
+                model.net.forward_tokens(ids, None, model._cells)
+            return "done"
+
+        result, counted = stats.counted_apart(two_passes)
+        total = stats.as_dict()
     finally:
         model.close()
-    counted = _one_pass(before, two)
-    assert counted["kernel_paths"] == {k: v - before["kernel_paths"].get(k, 0) for k, v in one["kernel_paths"].items()}
+    assert result == "done"
+    one = _one_pass(counted)
+    assert one["kernel_paths"] == single["kernel_paths"] and one["chunk_lengths"] == single["chunk_lengths"] == [5, 8]
     for key in ("chunks_run", "tokens_prefilled", "eager_calls", "compiled_calls", "tasks_dispatched"):
-        assert counted[key] == one[key] - before[key] and (key != "chunks_run" or counted[key] > 0), key
-    assert counted["chunk_lengths"] == one["chunk_lengths"] == [5, 8] and counted["prefill_paths"] == {}
+        assert one[key] == single[key] and (key != "chunks_run" or one[key] > 0), key
+    assert one["prefill_paths"] == {}
+    assert total["chunk_lengths"] == [3, 5, 8] and total["prefill_paths"] == {"call": 1}
+    assert total["chunks_run"] == earlier["chunks_run"] + 2 * single["chunks_run"]
+    assert total["kernel_paths"] == {k: earlier["kernel_paths"].get(k, 0) + 2 * v for k, v in single["kernel_paths"].items()}
 
 
 def test_best_json_and_cli_carry_the_switch(spawn, tmp_path) -> None:

@@ -44,14 +44,14 @@ def _clone_state(state: Any) -> list[tuple[Tensor, ...]]:
     return [tuple(t.clone() for t in block) for block in state]
 
 
-def _one_pass(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """One forward's counts, in `RunStats.merge` form, from `as_dict()` before and after a capture: the
-    capture ran the forward twice (the warm-up for real, then the recording), each counted alike."""
-    out = dict(after)
+def _one_pass(two_passes: dict[str, Any]) -> dict[str, Any]:
+    """One forward's counts, in `RunStats.merge` form, from what a capture counted (`counted_apart`): it
+    ran the forward twice (the warm-up for real, then the recording), each counted alike."""
+    out = dict(two_passes)
     for key in ("kernel_paths", "decode_paths"):
-        out[key] = {k: (v - before[key].get(k, 0)) // 2 for k, v in after[key].items()}
+        out[key] = {k: v // 2 for k, v in two_passes[key].items()}
     for key in RunStats._COUNTS:
-        out[key] = (after[key] - before[key]) // 2
+        out[key] = two_passes[key] // 2
     out["prefill_paths"] = {}
     return out
 
@@ -90,13 +90,13 @@ class PrefillGraphs:
         static_state = None if state is None else _clone_state(state)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        before = self.stats.as_dict()
         # The warm-up on a side stream is a real prefill (it compiles and autotunes, which capture
         # cannot); the recording counts its kernels as well, and so stands for the replay that follows.
-        graph, (logits, new_state) = dev.capture_graph(
+        # Counted apart, so that a replay adds this shape's chunk lengths, not every shape's so far.
+        (graph, (logits, new_state)), two_passes = self.stats.counted_apart(lambda: dev.capture_graph(
             self.device, lambda: self.forward(static_ids, static_state), warmup=1, pool=self._pool,
-            capture_error_mode="thread_local")  # the memory watchdog polls from its own thread
-        counted = _one_pass(before, self.stats.as_dict())
+            capture_error_mode="thread_local"))  # the memory watchdog polls from its own thread
+        counted = _one_pass(two_passes)
         self.stats.prefilled("graph:capture")
         return _Captured(graph, static_ids, static_state, logits, new_state, counted)
 

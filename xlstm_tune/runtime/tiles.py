@@ -230,6 +230,22 @@ class RunStats:
                 getattr(self, key).update(other[key])
             self.peak_in_flight = max(self.peak_in_flight, other["peak_in_flight"])
 
+    def counted_apart(self, run: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+        """(`run()`, what it counted, as `as_dict()`), the counts kept apart from the earlier ones while it
+        ran (a set such as `chunk_lengths` then holds only what `run` saw); afterwards this holds both."""
+        saved = self.as_dict()
+        self.reset()
+        counted: dict[str, Any] | None = None
+        try:
+            result = run()
+            counted = self.as_dict()
+        finally:
+            got = counted if counted is not None else self.as_dict()
+            self.reset()
+            self.merge(saved)
+            self.merge(got)
+        return result, counted
+
     def reset(self) -> None:
         with self._lock:
             self.kernel_paths.clear()
