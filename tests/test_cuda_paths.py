@@ -180,3 +180,27 @@ def test_prefill_graph_continues_a_state_and_counts_the_kernels_of_every_replay(
         model(torch.randint(0, 256, (1, 16 + n), device="cuda"))
     assert len(graphs) == graphs.max_graphs
     assert graphs._key(head, None) not in graphs._graphs  # the oldest shape went first
+
+
+def test_a_prefill_that_cannot_be_captured_is_a_one_line_error_and_nothing_is_kept(seed):
+    """A forward that fails while it is being captured (as an operation that capture does not allow does)
+    makes the switch's error, naming the shape and the fix; no graph is kept, and the same object still
+    captures a forward that can be captured. (The failure is raised by the forward itself: a real illegal
+    call inside a capture could leave this process's CUDA context unusable for the tests after it.)"""
+    from xlstm_tune.errors import DeviceUnavailableError
+    from xlstm_tune.runtime.prefill_graph import PrefillGraphs
+
+    def refuses_capture(ids, state):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return ids.float() * 3, []
+
+    graphs = PrefillGraphs(refuses_capture, torch.device("cuda"), RunStats())
+    ids = torch.randint(0, 256, (1, 8), device="cuda")
+    with pytest.raises(DeviceUnavailableError) as exc:
+        graphs(ids)
+    assert "\n" not in str(exc.value) and "(1, 8)" in str(exc.value) and "XLSTM_PREFILL_GRAPH=0" in str(exc.value)
+    assert len(graphs) == 0
+    graphs.forward = lambda i, s: (i.float() * 2, [])
+    out, _ = graphs(ids)
+    assert torch.equal(out, ids.float() * 2) and len(graphs) == 1

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from xlstm_tune.errors import DeviceUnavailableError
 from xlstm_tune.runtime import device as dev
 from xlstm_tune.runtime.tiles import RunStats
 
@@ -93,9 +94,15 @@ class PrefillGraphs:
         # The warm-up on a side stream is a real prefill (it compiles and autotunes, which capture
         # cannot); the recording counts its kernels as well, and so stands for the replay that follows.
         # Counted apart, so that a replay adds this shape's chunk lengths, not every shape's so far.
-        (graph, (logits, new_state)), two_passes = self.stats.counted_apart(lambda: dev.capture_graph(
-            self.device, lambda: self.forward(static_ids, static_state), warmup=1, pool=self._pool,
-            capture_error_mode="thread_local"))  # the memory watchdog polls from its own thread
+        try:
+            (graph, (logits, new_state)), two_passes = self.stats.counted_apart(lambda: dev.capture_graph(
+                self.device, lambda: self.forward(static_ids, static_state), warmup=1, pool=self._pool,
+                capture_error_mode="thread_local"))  # the memory watchdog polls from its own thread
+        except RuntimeError as exc:  # something in the prefill cannot be captured (a host sync, an unsafe call)
+            cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise DeviceUnavailableError(
+                f"prefill_graph: capturing the prefill of shape {tuple(ids.shape)} failed ({cause}); "
+                "set prefill_graph = false (XLSTM_PREFILL_GRAPH=0) to launch it instead") from exc
         counted = _one_pass(two_passes)
         self.stats.prefilled("graph:capture")
         return _Captured(graph, static_ids, static_state, logits, new_state, counted)
