@@ -44,6 +44,17 @@ def test_apply_refuses_it_before_setting_anything(monkeypatch: pytest.MonkeyPatc
     assert torch.get_num_threads() == threads
 
 
+def test_the_device_layer_has_no_graph_pool_for_the_cpu() -> None:
+    from xlstm_tune.runtime.device import capture_graph, graph_memory_pool
+
+    with pytest.raises(DeviceUnavailableError, match="only CUDA has them"):
+        graph_memory_pool("cpu")
+    ran = []
+    with pytest.raises(DeviceUnavailableError, match="only CUDA has them"):
+        capture_graph("cpu", lambda: ran.append(1), warmup=1, pool=None, capture_error_mode="thread_local")
+    assert ran == []  # refused before running anything
+
+
 def test_a_model_refuses_it_at_the_prefill_and_counts_launched_prefills(monkeypatch: pytest.MonkeyPatch) -> None:
     model = load_model("tiny", device="cpu", runtime=RuntimeOptions(backend="native", chunk_size=8, compile=False))
     try:

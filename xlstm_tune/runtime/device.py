@@ -329,6 +329,15 @@ def capture_graph(device: str | torch.device, fn: Callable[[], Any], warmup: int
     return graph, out
 
 
+def graph_memory_pool(device: str | torch.device) -> Any:
+    """A memory pool that several captured graphs can share (`capture_graph(pool=...)`)."""
+    dev = _as_device(device)
+    if not graphs_available(dev):
+        raise DeviceUnavailableError(f"device graphs are not available on {dev} (only CUDA has them)")
+    with torch.cuda.device(dev):
+        return torch.cuda.graph_pool_handle()
+
+
 def uses_tf32_cell_products(x: torch.Tensor) -> bool:
     """Whether the mLSTM cell's float32 matrix products for inputs like `x` run as TF32 on tensor cores.
 

@@ -90,7 +90,7 @@ class PrefillGraphs:
         static_ids = ids.clone()
         static_state = None if state is None else _clone_state(state)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = dev.graph_memory_pool(self.device)
         # The warm-up on a side stream is a real prefill (it compiles and autotunes, which capture
         # cannot); the recording counts its kernels as well, and so stands for the replay that follows.
         # Counted apart, so that a replay adds this shape's chunk lengths, not every shape's so far.
