@@ -43,7 +43,6 @@ def measure_length(model, length: int, rounds: int, repeats: int) -> dict:
     launched_logits, _ = model(ids)  # compiles this length
     torch.cuda.synchronize()
     os.environ[SWITCH] = "1"
-    torch.cuda.synchronize()
     t0 = time.perf_counter()
     graph_logits, _ = model(ids)  # warm-up run, capture, first replay
     torch.cuda.synchronize()

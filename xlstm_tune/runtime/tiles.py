@@ -235,15 +235,13 @@ class RunStats:
         ran (a set such as `chunk_lengths` then holds only what `run` saw); afterwards this holds both."""
         saved = self.as_dict()
         self.reset()
-        counted: dict[str, Any] | None = None
         try:
             result = run()
-            counted = self.as_dict()
         finally:
-            got = counted if counted is not None else self.as_dict()
+            counted = self.as_dict()
             self.reset()
             self.merge(saved)
-            self.merge(got)
+            self.merge(counted)
         return result, counted
 
     def reset(self) -> None:
