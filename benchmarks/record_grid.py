@@ -24,6 +24,12 @@ Every decode mode on one H200 (native chunk 64/128/256 x eager/graph/compiled, t
     python benchmarks/record_grid.py --experiment experiments/grid_350m_gpu_decode.toml \
         --name xlstm350m_h200_decode --budget-s 530
 
+Every knob and every backend on one H200 with Ray (102 configurations, 288 grid points; 507 + 149 s in two
+runs of the command, the second continuing the first):
+
+    python benchmarks/record_grid.py --experiment experiments/grid_350m_gpu_every_knob.toml \
+        --name xlstm350m_h200_every_knob --budget-s 540
+
 On a CPU, eager and compiled decode with what the compile costs (12 configurations, ~30 s on 2 cores):
 
     python benchmarks/record_grid.py --experiment experiments/grid_tiny_decode.toml --name tiny_cpu_decode

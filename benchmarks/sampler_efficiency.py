@@ -16,8 +16,8 @@ its recorded stage seconds (`stage_s`: screen, which includes the first call and
 recording paid there; each longer context; decode; fidelity for a trial that completes), up to the stage
 the rule stops it at. A replayed study measures first what `study` measures first (the default when the
 space holds it, [study] enqueue, the shipped `configs/<device>.toml`), so early stopping has the same
-first front as a real study. Repeats of a configuration cost nothing (a study answers them from the first
-measurement). A configuration the recording pruned, which the replayed study would measure further, has
+first front as a real study (`--cold-start`: nothing first, the sampler picks every trial). Repeats of a
+configuration cost nothing (a study answers them from the first measurement). A configuration the recording pruned, which the replayed study would measure further, has
 its remaining stages estimated (`stage_plan`). Not charged, because every sampler pays them alike: the
 worker's start, model load and fidelity reference, the confirmation round, the study's own overhead (the
 header prints the recorded figures). Compile costs stay where the recording paid them: a compiled kernel
@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=0.0,
                    help="replay each seed on a re-drawn recording: figures scaled by exp(N(0, NOISE)) per "
                         "configuration (default 0: the recording as it is)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="measure nothing first: no default, [study] enqueue or shipped configuration, the "
+                        "sampler picks every trial (a grid whose shipped configuration is its optimum otherwise "
+                        "ends at the first trial for every sampler)")
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = p.parse_args(argv)
     if not 0.0 <= args.noise <= 1.0:
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
           ", ".join(f"{o} {optimum[o]:,.0f}" for o in objectives) +
           f"; best score {best_score:.3f} (min over objectives of value/optimum); target {args.target:.0%} of it, "
           f"reached by {len(good)} configuration(s); {args.seeds} seeds, budget {budget} trials" +
+          ("; cold start: nothing measured first, the sampler picks every trial" if args.cold_start else "") +
           (f"; noise {args.noise:.0%}: each seed's recording re-drawn, its optimum and target recomputed"
            if args.noise else ""))
     def short(key: str) -> str:
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                     return reaches(events, seen_score, seen_goal)
 
                 events = replay_costed(seen, space, name, seed, objectives, rule, max_trials=run_budget,
-                                       sampler_trials=args.study_trials, stop=reached)
+                                       sampler_trials=args.study_trials, stop=reached,
+                                       enqueue=[] if args.cold_start else None)
                 if not reached(events):  # counts as never: the median is over every seed
                     failures += 1
                     secs.append(float("inf"))
