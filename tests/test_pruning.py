@@ -95,6 +95,29 @@ def test_a_figure_taken_on_a_busy_machine_never_prunes() -> None:
     assert pruning.stage_figures({**hopeless, "prefill_busy_ctx128": False}) == hopeless
 
 
+def test_the_one_call_screen_prunes_only_by_the_wider_screen_margin() -> None:
+    """A screen figure 2-4x behind the front goes on to its full measurement (one call has come out at 0.47
+    of the full figure); the same figure from the full measurement prunes; beyond 4x the screen prunes."""
+    best = random.uniform(500, 5000)
+    limits = pruning.thresholds([_rec(0, pre={128: best})], ["prefill_tok_s"], PruneRule())
+    assert limits["screen_margin"] == 4.0
+    near, far = {"prefill_tok_s_ctx128": best / random.uniform(2.2, 3.8)}, {"prefill_tok_s_ctx128": best / 4.4}
+    assert pruning.verdict(limits, near, pruning.STAGE_SCREEN) is None
+    assert pruning.verdict(limits, near, pruning.stage_prefill(128)) is not None
+    why = pruning.verdict(limits, far, pruning.STAGE_SCREEN)
+    assert why is not None and "/ 4.00 (trial #0)" in why
+    narrow = pruning.thresholds([_rec(0, pre={128: best})], ["prefill_tok_s"], PruneRule(screen_margin=1.0))
+    assert pruning.verdict(narrow, near, pruning.STAGE_SCREEN) is not None  # the noise margin still holds
+    # a replay decides as the worker does: the near trial is measured on, the far one stops at its screen
+    costs = {"screen": 1.0, "prefill_ctx128": 2.0, "decode": 3.0}
+    for figure, stopped_at in ((near, "prefill_ctx128"), (far, "screen")):
+        rec = {"number": 1, "state": "COMPLETE", **figure, "decode_tok_s": 9.0, "stage_s": costs,
+               "stage_figures": {"screen": figure, "prefill_ctx128": figure, "decode": {"decode_tok_s": 9.0}}}
+        out = replay_outcome(rec, stage_plan(rec, {"warmup": 1, "repeats": 3}, [128]), limits, None)
+        assert out["state"] == "PRUNED" and out["pruned_stage"] == stopped_at
+        assert out["duration_s"] == pytest.approx(sum(costs[k] for k in out["stage_s"]))
+
+
 def test_nothing_is_pruned_without_a_feasible_measured_trial_or_when_disabled() -> None:
     infeasible = [_rec(0, pre={128: 1000.0}, feasible=False), _rec(1, pre={128: 1e6}, state="PRUNED")]
     assert pruning.thresholds(infeasible, ["prefill_tok_s"], PruneRule()) is None
@@ -167,9 +190,9 @@ def _spec(path: Path, name: str, n_trials: int) -> Path:
         '[quality]\njudge = "none"\nperplexity = false\n'
         # one math thread (a shared 2-core machine makes two threads' native prefill 10-100x noisier); nothing
         # is pruned before two trials are measured, so the enqueued native trial always completes; the
-        # step-by-step configuration is ~4-13x behind, a 1.5x margin without the noise term (a busy
-        # machine's CV would widen it) stops it at its screen
-        '[runtime]\nthreads = 1\n[pruning]\nmin_trials = 2\nmargin = 1.5\nnoise_k = 0.0\n'
+        # step-by-step configuration is ~4-13x behind, a 1.5x margin at the screen too, without the noise
+        # term (a busy machine's CV would widen it), stops it at its screen
+        '[runtime]\nthreads = 1\n[pruning]\nmin_trials = 2\nmargin = 1.5\nscreen_margin = 1.5\nnoise_k = 0.0\n'
         '[space]\nbackend = ["native", "queued"]\nchunk_size = [16, 32, 64]\nheads_per_band = [1, 4]\n'
         'workers = [1, 4]\nt_inner = [1, 4, 16]\ndecode_mode = ["eager"]\n', encoding="utf-8")
     return path

@@ -70,6 +70,7 @@ def test_every_shipped_experiment_parses() -> None:
     ({"study": {"name": "t"}, "space": {}}, "[space] is empty"),
     (_doc(study={"name": "t", "enqueue": {"backend": "native"}}), "enqueue must be a list of knob tables"),
     (_doc(study={"name": "t", "enqueue": [{"backend": "native", "chunk": 64}]}), "enqueue entry 1: unknown knob(s) ['chunk']"),
+    (_doc(pruning={"screen_margin": 0.5}), "[pruning] screen_margin must be >= 1 (a factor), got 0.5"),
 ])
 def test_bad_spec_is_one_line_user_error(doc: dict, needle: str) -> None:
     with pytest.raises(UserError) as exc:

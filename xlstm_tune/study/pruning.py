@@ -20,6 +20,12 @@ repeat-to-repeat noise of one sample, which is what the one-repeat screen figure
 objective of a partial measurement is the geometric mean over the contexts measured so far, compared with
 the same contexts of p. Decode is the last stage, so it can only hold a trial's figure, never prune it.
 
+The screen is one timed call, the second ever of its shape in that configuration; on the recorded grids
+one came out at 0.47 of the full figure of the same kernels in another trial (docs/STUDY.md): wider than
+the margin. So the screen prunes only a trial behind by `screen_margin` (default 4, the margin squared);
+one nearer goes on to its full measurement at that context, whose repeats replace the screen's figure and
+are judged with the margin. Step-block configurations 20-100x behind native still stop at their screen.
+
 A figure taken on a busy machine never prunes: when the load probe (bench.load) flagged a figure the
 trial has (`prefill_busy_ctx<L>`, `decode_busy`: other processes took more than `[bench] max_other_cpu`
 of our CPUs even after the harness re-measured it), the load rather than the configuration may have made
@@ -67,6 +73,7 @@ class PruneRule:
     min_trials: int = 1          # feasible measured trials needed before anything is pruned
     slow_factor: float = 4.0     # a trial past slow_factor x the median trial time is cut
     slow_min_s: float = 30.0     # ... but never before this many seconds
+    screen_margin: float = 4.0   # the one-call screen prunes only a trial this far behind (module docstring)
 
     @classmethod
     def from_spec(cls, section: Mapping[str, Any]) -> "PruneRule":
@@ -177,7 +184,8 @@ def thresholds(records: Sequence[Mapping[str, Any]], objectives: Sequence[str], 
         cv = noise_cv(records, f)
         margins[f] = max(rule.margin, 1.0 + rule.noise_k * cv)
         tolerance[f] = 1.0 + rule.noise_k * cv
-    return {"objectives": list(objectives), "front": pts, "margins": margins, "tolerance": tolerance}
+    return {"objectives": list(objectives), "front": pts, "margins": margins, "tolerance": tolerance,
+            "screen_margin": rule.screen_margin}
 
 
 def _margin_for(objective: str, trial_figures: Mapping[str, Any], table: Mapping[str, float], default: float) -> float:
@@ -191,8 +199,10 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def verdict(limits: Mapping[str, Any] | None, figures: Mapping[str, Any]) -> str | None:
-    """Why a trial with these (partial) figures is hopeless, or None when it may go on. See the module docstring."""
+def verdict(limits: Mapping[str, Any] | None, figures: Mapping[str, Any], stage: str | None = None) -> str | None:
+    """Why a trial with these (partial) figures is hopeless, or None when it may go on. See the module docstring.
+
+    `stage`: the stage just measured; after `STAGE_SCREEN` the wider `screen_margin` applies."""
     if not limits or not limits.get("front"):
         return None
     if any(v and _is_busy_flag(k) for k, v in figures.items()):
@@ -204,6 +214,7 @@ def verdict(limits: Mapping[str, Any] | None, figures: Mapping[str, Any]) -> str
         return None
     unmeasured = [o for o in objectives if mine[o] is None]
     margins, tolerance = limits.get("margins") or {}, limits.get("tolerance") or {}
+    floor = float(limits.get("screen_margin") or 1.0) if stage == STAGE_SCREEN else 1.0
     best_u = {u: max((_num(p.get(u)) or 0.0) if u != "prefill_tok_s" else (objective_figure(p, u) or 0.0)
                      for p in limits["front"]) for u in unmeasured}
     for p in limits["front"]:
@@ -218,7 +229,7 @@ def verdict(limits: Mapping[str, Any] | None, figures: Mapping[str, Any]) -> str
         parts = []
         for o in measured:
             po = _point_figure(p, o, figures)
-            m = _margin_for(o, figures, margins, 2.0)
+            m = max(_margin_for(o, figures, margins, 2.0), floor)
             if po is None or po < m * float(mine[o]):  # type: ignore[arg-type]
                 ok = False
                 break

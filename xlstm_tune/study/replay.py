@@ -164,7 +164,7 @@ def replay_outcome(rec: Mapping[str, Any], plan: Sequence[tuple[str, Mapping[str
             stage_figs[name] = dict(figs)
         if name == pruning.STAGE_DECODE:
             break
-        why, reason = pruning.verdict(limits, figures), pruning.PRUNED_REASON
+        why, reason = pruning.verdict(limits, figures, name), pruning.PRUNED_REASON
         if why is None:
             why, reason = pruning.slow_reason(elapsed, time_limit_s), pruning.SLOW_REASON
         if why is None and recorded_to is not None and name == recorded_to:

@@ -17,7 +17,8 @@ Sections (every key optional except where noted; see docs/STUDY.md and experimen
     [trial]     timeout_s, worker_start_timeout_s
     [confirm]   top_k, rounds, repeats, max_candidates, confidence, max_trade, min_rounds
     [sampler]   n_startup_trials, population_size (sampler-specific tuning)
-    [pruning]   enabled, margin, noise_k, min_trials, slow_factor, slow_min_s (early stopping, study.pruning)
+    [pruning]   enabled, margin, noise_k, min_trials, slow_factor, slow_min_s, screen_margin (early stopping,
+                study.pruning)
     [space]     knob = [choices] or knob = {low, high, step, log}
     [fixed]     knob = value   (knobs not searched; default: the runtime's built-in defaults)
     [device.cpu|cuda|mps]  any of the sections above, merged in when the study runs on that device type
@@ -75,7 +76,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     # Early stopping (study.pruning): a trial far behind the Pareto front after a stage stops there, and
     # a trial past slow_factor x the median trial time is cut. `enabled = false` measures every trial fully.
     "pruning": {"enabled": True, "margin": 2.0, "noise_k": 3.0, "min_trials": 1, "slow_factor": 4.0,
-                "slow_min_s": 30.0},
+                "slow_min_s": 30.0, "screen_margin": 4.0},
     # Every trial's continuation is scored (text metrics, perplexity under the canonical path) and judged:
     # `builtin` is an offline heuristic; `ollama` / `openai` call an LLM judge at judge_url; `none` skips it.
     "quality": {"judge": "builtin", "judge_url": None, "judge_model": None, "perplexity": True},
@@ -523,7 +524,7 @@ def _build(doc: Mapping[str, Any], source: str) -> ExperimentSpec:
     # [pruning]
     if not isinstance(pruning["enabled"], bool):
         raise _err(source, f"[pruning] enabled must be true or false, got {pruning['enabled']!r}")
-    for key in ("margin", "slow_factor"):
+    for key in ("margin", "slow_factor", "screen_margin"):
         v = _num(source, f"[pruning] {key}", pruning[key])
         if v is not None and v < 1.0:
             raise _err(source, f"[pruning] {key} must be >= 1 (a factor), got {v}")

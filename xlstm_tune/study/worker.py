@@ -395,7 +395,7 @@ class _Session:
             stage_figures[stage] = pruning.stage_figures(result.flat())
             if stage == pruning.STAGE_DECODE:
                 return True
-            why = pruning.verdict(limits, figures)
+            why = pruning.verdict(limits, figures, stage)
             reason = pruning.PRUNED_REASON
             if why is None:
                 why, reason = pruning.slow_reason(now - t0, time_limit), pruning.SLOW_REASON
