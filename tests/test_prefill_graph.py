@@ -4,6 +4,7 @@ apart. The replays themselves run in tests/test_cuda_paths.py (CUDA)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,17 @@ def test_a_spec_reads_the_switch_and_studies_from_before_it_still_resume() -> No
     assert on.runtime["prefill_graph"] is True and on.measurement_identity()["runtime"]["prefill_graph"] is True
     with pytest.raises(UserError, match="prefill_graph"):
         parse_spec({**space, "runtime": {"prefill_graph": "maybe"}}, "x.toml")
+
+
+def test_the_gpu_experiments_measure_the_graph_path_on_cuda_only() -> None:
+    """experiments/xlstm_350m.toml (device auto) turns prefill graphs on for CUDA alone, so the same file still
+    runs on a CPU or MPS; xlstm_7b_gpu.toml (CUDA) turns them on outright. What a study measures is what its
+    best.json carries, and best.json outranks configs/cuda.toml."""
+    from xlstm_tune.study.spec import apply_device_overrides, load_spec
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    spec = load_spec(experiments / "xlstm_350m.toml")
+    assert apply_device_overrides(spec, "cuda").runtime["prefill_graph"] is True
+    for other in ("cpu", "mps"):
+        assert apply_device_overrides(spec, other).runtime["prefill_graph"] is False
+    assert load_spec(experiments / "xlstm_7b_gpu.toml").runtime["prefill_graph"] is True
