@@ -17,12 +17,13 @@ recording paid there; each longer context; decode; fidelity for a trial that com
 the rule stops it at. A replayed study measures first what `study` measures first (the default when the
 space holds it, [study] enqueue, the shipped `configs/<device>.toml`), so early stopping has the same
 first front as a real study (`--cold-start`: nothing first, the sampler picks every trial). Repeats of a
-configuration cost nothing (a study answers them from the first measurement). A configuration the recording pruned, which the replayed study would measure further, has
-its remaining stages estimated (`stage_plan`). Not charged, because every sampler pays them alike: the
-worker's start, model load and fidelity reference, the confirmation round, the study's own overhead (the
-header prints the recorded figures). Compile costs stay where the recording paid them: a compiled kernel
-is cached per worker, so the first configuration of a shape in the recording carries the compile, and a
-replayed study that reaches another configuration of that shape first is charged its warm cost.
+configuration cost nothing (a study answers them from the first measurement). A configuration the
+recording pruned, which the replayed study would measure further, has its remaining stages estimated
+(`stage_plan`). Not charged, because every sampler pays them alike: the worker's start, model load and
+fidelity reference, the confirmation round, the study's own overhead (the header prints the recorded
+figures). Compile costs stay where the recording paid them: a compiled kernel is cached per worker, so the
+first configuration of a shape in the recording carries the compile, and a replayed study that reaches
+another configuration of that shape first is charged its warm cost.
 
 Target on several objectives: a configuration's score is min over objectives of value / grid optimum;
 the target is `--target` (default 95%) of the best score in the grid (1.0 when one configuration is best
