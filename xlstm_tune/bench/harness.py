@@ -144,6 +144,17 @@ def _check_lengths(knob: str, size: int, lengths: set[int], what: str) -> None:
         raise PathMismatchError(f"{knob}={size} asked for, but {what} of {sorted(lengths)} steps ran")
 
 
+def _check_pieces(knob: str, size: int, lengths: set[int], spans_of: set[int], what: str) -> None:
+    """Measured piece lengths are what `size` makes of the longer runs they were cut from (`spans_of`: the
+    prompt pieces for chunks, those and the chunks for step-blocks): full pieces of `size` and ragged tails."""
+    from xlstm_tune.runtime.tiles import spans
+
+    allowed = {n for total in spans_of for _, n in spans(total, size)}
+    if lengths - allowed:
+        raise PathMismatchError(f"{knob}={size} asked for, but {what} of {sorted(lengths)} steps ran "
+                                f"(from runs of {sorted(spans_of)} steps)")
+
+
 def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True, has_slstm: bool = False,
                  prefill_graph: bool | None = None) -> None:
     """Raise PathMismatchError unless the recorded run used the kernels and sizes `options` ask for.
@@ -166,9 +177,17 @@ def verify_stats(options: Any, stats: dict[str, Any], *, has_mlstm: bool = True,
         raise PathMismatchError(
             f"backend={options.backend} compile={options.compile} should run {sorted(want)} but ran {sorted(ran)}"
         )
-    _check_lengths("chunk_size", options.chunk_size, set(stats.get("chunk_lengths") or []), "chunks")
-    if options.backend != "native" or has_slstm:
-        _check_lengths("t_inner", options.t_inner, set(stats.get("step_block_lengths") or []), "step-blocks")
+    chunks = set(stats.get("chunk_lengths") or [])
+    pieces = set(stats.get("prefill_lengths") or [])
+    if len(pieces) > 1:  # prompts fed in pieces (prefill_segment): each piece has its own ragged tail
+        _check_pieces("chunk_size", options.chunk_size, chunks, pieces, "chunks")
+        if options.backend != "native" or has_slstm:
+            _check_pieces("t_inner", options.t_inner, set(stats.get("step_block_lengths") or []), chunks | pieces,
+                          "step-blocks")
+    else:
+        _check_lengths("chunk_size", options.chunk_size, chunks, "chunks")
+        if options.backend != "native" or has_slstm:
+            _check_lengths("t_inner", options.t_inner, set(stats.get("step_block_lengths") or []), "step-blocks")
     widths = set(stats.get("band_widths") or [])
     if options.backend != "native" and widths and max(widths) > options.heads_per_band:
         raise PathMismatchError(f"heads_per_band={options.heads_per_band} asked for, but bands of {sorted(widths)} ran")

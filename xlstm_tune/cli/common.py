@@ -122,6 +122,9 @@ def add_runtime_flags(parser: argparse.ArgumentParser, *, best: bool = True) -> 
     g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch intra-op threads (default: CPU physical cores; CUDA/MPS 4)")
     g.add_argument("--interop-threads", type=int, default=None, metavar="N", help="torch inter-op threads (default 1)")
+    g.add_argument("--prefill-segment", type=int, default=None, metavar="N",
+                   help="feed prompts in pieces of at most N tokens (full segments, then powers of two), so few "
+                        "prompt shapes are compiled or captured (XLSTM_PREFILL_SEGMENT; 0: whole, the default)")
     for name, help_ in _SWITCH_FLAGS.items():
         g.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction, default=None,
                        help=help_)
@@ -132,7 +135,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser, *, best: bool = True) -> 
 
 def runtime_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The process-wide settings given on the command line (setting -> value)."""
-    names = ("threads", "interop_threads", *_SWITCH_FLAGS)
+    names = ("threads", "interop_threads", "prefill_segment", *_SWITCH_FLAGS)
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

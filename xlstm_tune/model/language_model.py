@@ -23,6 +23,7 @@ from xlstm_tune.runtime.cells import CellRuntime
 from xlstm_tune.runtime.decode import make_decode_step
 from xlstm_tune.runtime.options import RuntimeOptions
 from xlstm_tune.runtime.prefill_graph import PrefillGraphs
+from xlstm_tune.runtime.prefill_segments import current_segment, piece_lengths
 from xlstm_tune.runtime.tiles import RunStats
 
 # on_step(step_index, seconds_since_previous_token) -- only called when timing is asked for.
@@ -128,7 +129,25 @@ class LanguageModel:
         return self._prefill(ids, state)
 
     def _prefill(self, ids: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
-        """The prompt through the backend; with the prefill_graph switch on (CUDA), the native backend's
+        """The prompt in the pieces `prefill_segment` asks for (runtime.prefill_segments; whole when it is
+        0), each continuing the state the one before left; their logits written into one output."""
+        pieces = piece_lengths(ids.shape[1], current_segment())
+        if len(pieces) == 1:
+            self.stats.note(prefill_lengths=ids.shape[1])
+            return self._prefill_piece(ids, state)
+        logits: Tensor | None = None
+        start = 0
+        for n in pieces:
+            self.stats.note(prefill_lengths=n)
+            part, state = self._prefill_piece(ids[:, start:start + n], state)
+            if logits is None:
+                logits = part.new_empty(ids.shape[0], ids.shape[1], part.shape[-1])
+            logits[:, start:start + n] = part
+            start += n
+        return logits, state  # type: ignore[return-value]
+
+    def _prefill_piece(self, ids: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
+        """One piece through the backend; with the prefill_graph switch on (CUDA), the native backend's
         prefill is captured per prompt shape and replayed (`runtime.prefill_graph`). The other backends
         schedule from threads or actors, which a graph cannot hold: they always launch their calls."""
         if dev.prefill_graphs_enabled(self.device) and self._options.backend == "native":

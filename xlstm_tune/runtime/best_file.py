@@ -16,7 +16,7 @@ Layout (schema "xlstm_tune.best/1")::
          "trial_number": 7, "mlflow_run_id": "..."}
       ],
       "runtime": {compile, dtype, threads, interop_threads, tf32_cell, fused_decode, triton_gemv, decode_pdl,
-                  prefill_graph},
+                  prefill_graph, prefill_segment},
       "provenance": {device_name, os, torch_version, model_id, model_config_hash, study_name,
                      trial_number, mlflow_run_id, git_commit, time}
     }

@@ -2,7 +2,7 @@
 
     [knobs]     backend, chunk_size, heads_per_band, workers, t_inner, streams, decode_mode
     [runtime]   compile, dtype, threads, interop_threads, tf32_cell, fused_decode, triton_gemv, decode_pdl,
-                prefill_graph
+                prefill_graph, prefill_segment
 
 Every key is optional: a file sets what it names and the rest comes from the other levels of the
 precedence chain (CLI flag > best.json > environment > config file > built-in default). A file is read

@@ -3,7 +3,7 @@
 The knobs (`RuntimeOptions`) say how the model schedules its work; these say how the process around it
 is set up: the weight dtype, torch's intra-op and inter-op thread counts, and the CUDA kernel switches
 (TF32 cell products, fused batch-1 decode kernels, Triton GEMV, dependent launch of the decode kernels,
-native prefill replayed from device graphs). A measurement is only reproducible when
+native prefill replayed from device graphs), and the length of the pieces prompts are fed in. A measurement is only reproducible when
 all of them are the same, so the study records them, best.json carries them and `run`, `bench` and
 `RuntimeOptions.from_best` apply them (docs/DESIGN.md §6a "best.json is what was measured").
 
@@ -35,6 +35,7 @@ SETTING_ENV_VARS = {
     "triton_gemv": "XLSTM_TRITON_GEMV",
     "decode_pdl": "XLSTM_DECODE_PDL",
     "prefill_graph": "XLSTM_PREFILL_GRAPH",
+    "prefill_segment": "XLSTM_PREFILL_SEGMENT",
 }
 _SWITCHES = ("tf32_cell", "fused_decode", "triton_gemv", "decode_pdl", "prefill_graph")
 
@@ -66,6 +67,13 @@ def _threads(name: str, value: Any) -> int | None:
     return n
 
 
+def _segment(value: Any) -> int:
+    from xlstm_tune.runtime.options import _as_int
+    from xlstm_tune.runtime.prefill_segments import check_segment
+
+    return check_segment(_as_int("prefill_segment", value))
+
+
 @dataclass(frozen=True)
 class RuntimeSettings:
     """Process-wide settings that change speed.
@@ -78,6 +86,8 @@ class RuntimeSettings:
     decode_pdl: programmatic dependent launch of the fused decode kernels on Hopper and newer (XLSTM_DECODE_PDL).
     prefill_graph: the native backend's prefill captured once per prompt shape and replayed as a device
         graph (XLSTM_PREFILL_GRAPH; CUDA only, refused elsewhere; off by default).
+    prefill_segment: prompts fed in pieces of a bounded set of lengths, this many tokens at most
+        (XLSTM_PREFILL_SEGMENT; 0, the default, feeds them whole; runtime/prefill_segments.py).
     """
 
     dtype: str | None = None
@@ -88,6 +98,7 @@ class RuntimeSettings:
     triton_gemv: bool = True
     decode_pdl: bool = True
     prefill_graph: bool = False
+    prefill_segment: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -97,6 +108,7 @@ class RuntimeSettings:
             set_(self, name, _threads(name, getattr(self, name)))
         for name in _SWITCHES:
             set_(self, name, _bool(name, getattr(self, name)))
+        set_(self, "prefill_segment", _segment(self.prefill_segment))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -148,6 +160,7 @@ class RuntimeSettings:
                 pass  # inter-op work already ran in this process: the read-back below says what holds
         for name in _SWITCHES:
             os.environ[SETTING_ENV_VARS[name]] = "1" if getattr(self, name) else "0"
+        os.environ[SETTING_ENV_VARS["prefill_segment"]] = str(self.prefill_segment)
         return self.in_force()
 
     def in_force(self) -> dict[str, Any]:

@@ -172,11 +172,12 @@ class RunStats:
     ray_remote_calls: int = 0  # actor method calls the Ray scheduler made
     decode_paths: Counter = field(default_factory=Counter)  # one-token decode steps run, by decode path
     prefill_paths: Counter = field(default_factory=Counter)  # prefills run: "call", "graph:capture", "graph:replay"
+    prefill_lengths: set = field(default_factory=set)  # lengths of the prefill calls (pieces) made
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     _COUNTS = ("tasks_dispatched", "compiled_calls", "eager_calls", "tokens_prefilled", "chunks_run",
                "stream_tasks", "ray_remote_calls")
-    _SETS = ("chunk_lengths", "step_block_lengths", "band_widths", "cell_products")
+    _SETS = ("chunk_lengths", "step_block_lengths", "band_widths", "cell_products", "prefill_lengths")
 
     def add(self, path: str, calls: int = 1, *, is_compiled: bool) -> None:
         """`calls` kernel calls made on `path`."""
@@ -227,7 +228,7 @@ class RunStats:
             for key in self._COUNTS:
                 setattr(self, key, getattr(self, key) + other[key])
             for key in self._SETS:
-                getattr(self, key).update(other[key])
+                getattr(self, key).update(other.get(key) or ())
             self.peak_in_flight = max(self.peak_in_flight, other["peak_in_flight"])
 
     def counted_apart(self, run: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:

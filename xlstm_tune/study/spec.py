@@ -11,7 +11,8 @@ Sections (every key optional except where noted; see docs/STUDY.md and experimen
     [model]     name, device, dtype, compile, seed
     [workload]  context_lens, new_tokens, decode_context_len, batch_size, prompt, prompt_file, prompt_seed
     [bench]     warmup, repeats, max_cv, max_rounds, busy_retries, max_other_cpu
-    [runtime]   threads, interop_threads, tf32_cell, fused_decode, triton_gemv, decode_pdl, prefill_graph
+    [runtime]   threads, interop_threads, tf32_cell, fused_decode, triton_gemv, decode_pdl, prefill_graph,
+                prefill_segment
                 (process-wide settings)
     [fidelity]  rel_tol, min_greedy_agreement, prompt_len, decode_steps
     [trial]     timeout_s, worker_start_timeout_s
@@ -65,7 +66,7 @@ _SECTIONS: dict[str, dict[str, Any]] = {
     "bench": {"warmup": 1, "repeats": 5, "max_cv": 0.10, "max_rounds": 3, "busy_retries": 1, "max_other_cpu": 0.25},
     # process-wide settings of every trial (runtime/settings.py); threads None: the device's default
     "runtime": {"threads": None, "interop_threads": None, "tf32_cell": True, "fused_decode": True,
-                "triton_gemv": True, "decode_pdl": True, "prefill_graph": False},
+                "triton_gemv": True, "decode_pdl": True, "prefill_graph": False, "prefill_segment": 0},
     "fidelity": {"rel_tol": None, "min_greedy_agreement": None, "prompt_len": 256, "decode_steps": 8},
     "trial": {"timeout_s": 600.0, "worker_start_timeout_s": 600.0},
     # A winner must beat the default with `confidence` (bootstrap interval of the paired per-round ratios)
@@ -193,6 +194,8 @@ class ExperimentSpec:
             del d["workload"]["batch_size"]
         if d["runtime"].get("prefill_graph") is False:  # and those from before prefill_graph launched every prefill
             del d["runtime"]["prefill_graph"]
+        if d["runtime"].get("prefill_segment") == 0:  # ... and fed every prompt whole
+            del d["runtime"]["prefill_segment"]
         return {
             "model": d["model"], "workload": d["workload"], "bench": d["bench"], "runtime": d["runtime"],
             "fidelity": d["fidelity"],
