@@ -126,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
                                        for i, (c, w) in enumerate(zip(line, widths))).rstrip() + "\n")
         paths = sorted({path for p in report.prefill for path in p.stats.get("kernel_paths", {})})
         prefill_paths = sorted({p.path for p in report.prefill})
-        sys.stdout.write(f"\nkernel paths: {', '.join(paths)}; prefill: {', '.join(prefill_paths)}\n")
+        pieces = sorted({n for p in report.prefill for n in p.stats.get("prefill_lengths", [])})
+        cut = f" in pieces of {', '.join(map(str, pieces))} tokens" if len(pieces) > len(report.prefill) else ""
+        sys.stdout.write(f"\nkernel paths: {', '.join(paths)}; prefill: {', '.join(prefill_paths)}{cut}\n")
     for flag in report.flags:
         sys.stderr.write(f"note: {flag}\n")
     return 0

@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     stats = model.stats.as_dict()
     print(f"prefill: {ids.shape[1]} tokens in {prefill_s:.3f} s = {ids.shape[1] * ids.shape[0] / prefill_s:,.1f} tok/s"
           f"  (kernels: {dict(stats.get('kernel_paths', {}))}, compiled calls: {stats.get('compiled_calls', 0)}, "
-          f"prefill: {dict(stats.get('prefill_paths', {}))})")
+          f"prefill: {dict(stats.get('prefill_paths', {}))}, piece lengths: {stats.get('prefill_lengths', [])})")
     if decode_times:
         print(f"decode: {len(decode_times)} steps in {decode_s:.3f} s = {len(decode_times) * ids.shape[0] / decode_s:,.1f} tok/s "
               f"[{options.decode_mode}]")
