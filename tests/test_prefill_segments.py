@@ -14,7 +14,7 @@ from xlstm_tune import RuntimeOptions, load_model
 from xlstm_tune.bench.harness import BenchSettings, PathMismatchError, bench_prefill, verify_stats
 from xlstm_tune.bench.workload import describe_model
 from xlstm_tune.errors import UserError
-from xlstm_tune.runtime.prefill_segments import SEGMENT_ENV, current_segment, piece_lengths
+from xlstm_tune.runtime.prefill_segments import SEGMENT_ENV, current_segment, piece_lengths, shape_bound
 from xlstm_tune.runtime.settings import RuntimeSettings, resolve_runtime, settings_from_mapping
 
 
@@ -25,8 +25,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_pieces_cover_the_prompt_with_few_lengths() -> None:
     segment = 2 ** random.randint(3, 9)
     seen: set[int] = set()
+    shapes: set[tuple[int, bool]] = set()  # what a graph is kept per: length, and whether a state comes in
     for total in random.sample(range(1, 5 * segment), min(60, 5 * segment - 1)):
         pieces = piece_lengths(total, segment)
+        shapes.update((n, i > 0) for i, n in enumerate(pieces))
         assert sum(pieces) == total and max(pieces) <= segment
         full = total // segment
         assert pieces[:full] == [segment] * full
@@ -34,6 +36,7 @@ def test_pieces_cover_the_prompt_with_few_lengths() -> None:
         assert tail == sorted(set(tail), reverse=True) and all(n & (n - 1) == 0 for n in tail)  # distinct powers of two
         seen.update(pieces)
     assert len(seen) <= 1 + int(math.log2(segment))  # whatever the prompts: the shapes a process compiles
+    assert len(shapes) <= shape_bound(segment) == 2 * (1 + int(math.log2(segment))) and shape_bound(0) == 0
     assert piece_lengths(1000, 256) == [256, 256, 256, 128, 64, 32, 8]
     assert piece_lengths(777, 0) == [777] and piece_lengths(96, 100) == [64, 32]
 

@@ -22,8 +22,8 @@ from xlstm_tune.runtime import device as dev
 from xlstm_tune.runtime.cells import CellRuntime
 from xlstm_tune.runtime.decode import make_decode_step
 from xlstm_tune.runtime.options import RuntimeOptions
-from xlstm_tune.runtime.prefill_graph import PrefillGraphs
-from xlstm_tune.runtime.prefill_segments import current_segment, piece_lengths
+from xlstm_tune.runtime.prefill_graph import DEFAULT_MAX_GRAPHS, PrefillGraphs
+from xlstm_tune.runtime.prefill_segments import current_segment, piece_lengths, shape_bound
 from xlstm_tune.runtime.tiles import RunStats
 
 # on_step(step_index, seconds_since_previous_token) -- only called when timing is asked for.
@@ -131,30 +131,33 @@ class LanguageModel:
     def _prefill(self, ids: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
         """The prompt in the pieces `prefill_segment` asks for (runtime.prefill_segments; whole when it is
         0), each continuing the state the one before left; their logits written into one output."""
-        pieces = piece_lengths(ids.shape[1], current_segment())
+        segment = current_segment()
+        pieces = piece_lengths(ids.shape[1], segment)
+        slots = max(DEFAULT_MAX_GRAPHS, shape_bound(segment))  # a graph per piece shape, or prompts re-capture
         if len(pieces) == 1:
             self.stats.note(prefill_lengths=ids.shape[1])
-            return self._prefill_piece(ids, state)
+            return self._prefill_piece(ids, state, slots)
         logits: Tensor | None = None
         start = 0
         for n in pieces:
             self.stats.note(prefill_lengths=n)
-            part, state = self._prefill_piece(ids[:, start:start + n], state)
+            part, state = self._prefill_piece(ids[:, start:start + n], state, slots)
             if logits is None:
                 logits = part.new_empty(ids.shape[0], ids.shape[1], part.shape[-1])
             logits[:, start:start + n] = part
             start += n
         return logits, state  # type: ignore[return-value]
 
-    def _prefill_piece(self, ids: Tensor, state: ModelState | None) -> tuple[Tensor, ModelState]:
+    def _prefill_piece(self, ids: Tensor, state: ModelState | None, slots: int) -> tuple[Tensor, ModelState]:
         """One piece through the backend; with the prefill_graph switch on (CUDA), the native backend's
-        prefill is captured per prompt shape and replayed (`runtime.prefill_graph`). The other backends
-        schedule from threads or actors, which a graph cannot hold: they always launch their calls."""
+        prefill is captured per prompt shape and replayed (`runtime.prefill_graph`), `slots` shapes kept.
+        The other backends schedule from threads or actors, which a graph cannot hold: they always launch."""
         if dev.prefill_graphs_enabled(self.device) and self._options.backend == "native":
             if self._prefill_graphs is None:
                 cells = self._cells
                 self._prefill_graphs = PrefillGraphs(lambda i, s: self.net.forward_tokens(i, s, cells),
                                                      self.device, cells.stats)  # type: ignore[union-attr]
+            self._prefill_graphs.max_graphs = slots
             return self._prefill_graphs(ids, state)
         self.stats.prefilled("call")
         return self.net.forward_tokens(ids, state, self._cells)

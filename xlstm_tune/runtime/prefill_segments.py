@@ -37,6 +37,12 @@ def current_segment() -> int:
     return check_segment(_as_int(SEGMENT_ENV, raw), SEGMENT_ENV) if raw else 0
 
 
+def shape_bound(segment: int) -> int:
+    """How many prefill shapes per batch size a process meets at most with this segment length: each piece
+    length (the segment and the powers of two below it), with and without a starting state (0: unbounded)."""
+    return 2 * segment.bit_length() if segment > 0 else 0
+
+
 def piece_lengths(total: int, segment: int) -> list[int]:
     """The lengths a prompt of `total` tokens runs as: whole when `segment` is 0, else full segments, then
     the remainder's powers of two from the largest down (1000 with segment 256: 256, 256, 256, 128, 64,
