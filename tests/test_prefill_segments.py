@@ -128,3 +128,19 @@ def test_bench_takes_the_flag_and_refuses_a_bad_one_in_one_line(tmp_path) -> Non
     ok = bench("--prefill-segment", "32")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert '"prefill_segment": 32' in ok.stdout and '"prefill_lengths": [\n' in ok.stdout
+
+
+def test_the_benchmark_compares_both_modes_in_fresh_processes(capsys) -> None:
+    from benchmark_scripts import load_benchmark
+
+    script = load_benchmark("prefill_segments")
+    assert script.main(["--lengths", "0,x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("prefill_segments.py: --lengths must be positive") and "\n" not in err
+    assert script.main(["--lengths", "40,72", "--segment", "32", "--chunk-size", "16", "--repeats", "1",
+                        "--no-compile"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    body = {r[0].strip(): r for r in rows[1:]}  # after the header
+    assert body["40"][3].strip() == "[8, 32]" and body["72"][3].strip() == "[8, 32]"  # 32 + 8; 32 + 32 + 8
+    assert all(float(body[n][7]) < 1e-4 for n in ("40", "72"))  # the same answer, fed in pieces
+    assert body["all 2"][3].strip() == "2 lengths"
