@@ -5,8 +5,8 @@ new length costs, and what a warm prefill costs, in fresh processes.
     python benchmarks/prefill_segments.py --model xlstm-350m --device cuda --dtype bfloat16 \
         --lengths 1000,1500,2048,3000,5000 --segment 2048 --prefill-graph
 
-Each mode (whole, then segment) runs in its own process, so one mode's compiled shapes (and graphs) cannot
-serve the other. In each, every length is prefilled once cold (the first call: compile, and capture with
+Each mode (whole, then segment) runs in its own process with its own empty compile cache (unless
+--keep-compile-cache), so one mode's compiled shapes (and graphs) cannot serve the other. In each, every length is prefilled once cold (the first call: compile, and capture with
 --prefill-graph) and then --repeats times warm (median). The table gives both per length and in all, the
 piece lengths that ran (counted by the model), and the logits' distance between the two modes; "whole" is
 the baseline, measured in the same invocation.
@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +68,13 @@ def worker(args: argparse.Namespace) -> dict:
 def run_mode(args: argparse.Namespace, segment: int) -> dict:
     env = {**os.environ, "XLSTM_PREFILL_SEGMENT": str(segment),
            "XLSTM_PREFILL_GRAPH": "1" if args.prefill_graph else "0"}
+    with tempfile.TemporaryDirectory(prefix="prefill_segments_cache_") as cache:
+        if not args.keep_compile_cache:  # compile as a process on a fresh machine does, not from this one's cache
+            env.update(TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=str(Path(cache) / "triton"))
+        return _run(args, env, segment)
+
+
+def _run(args: argparse.Namespace, env: dict, segment: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--model", args.model, "--device", args.device, "--dtype",
            args.dtype, "--lengths", ",".join(map(str, args.lengths)), "--chunk-size", str(args.chunk_size),
            "--repeats", str(args.repeats)] + ([] if args.compile else ["--no-compile"])
@@ -88,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--prefill-graph", action="store_true", help="replay prefills from device graphs (CUDA)")
+    ap.add_argument("--keep-compile-cache", action="store_true",
+                    help="let both modes use this machine's compile cache (default: each an empty one, so the "
+                         "first call of a length pays its full compile)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     try:
@@ -106,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     whole, cut = run_mode(args, 0), run_mode(args, args.segment)
     print(f"{args.model} {args.dtype} on {args.device}, torch {torch.__version__}, native chunk {args.chunk_size}, "
           f"compile {'on' if args.compile else 'off'}, prefill graph {'on' if args.prefill_graph else 'off'}; "
-          f"segment {args.segment}; each mode in a fresh process; warm = median of {args.repeats}")
+          f"segment {args.segment}; each mode in a fresh process with "
+          f"{'this machine' if args.keep_compile_cache else 'an empty'} compile cache; warm = median of {args.repeats}")
     print("| length | whole: first call s | whole: warm ms | pieces | segment: first call s | segment: warm ms | "
           "warm ratio | last-logit rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
