@@ -144,3 +144,15 @@ def test_the_benchmark_compares_both_modes_in_fresh_processes(capsys) -> None:
     assert body["40"][3].strip() == "[8, 32]" and body["72"][3].strip() == "[8, 32]"  # 32 + 8; 32 + 32 + 8
     assert all(float(body[n][7]) < 1e-4 for n in ("40", "72"))  # the same answer, fed in pieces
     assert body["all 2"][3].strip() == "2 lengths"
+
+
+def test_a_spec_carries_the_setting_and_studies_from_before_it_still_resume() -> None:
+    from xlstm_tune.study.spec import parse_spec
+
+    space = {"space": {"chunk_size": [16, 32]}}
+    assert parse_spec(space, "x.toml").runtime["prefill_segment"] == 0
+    assert "prefill_segment" not in parse_spec(space, "x.toml").measurement_identity()["runtime"]
+    cut = parse_spec({**space, "runtime": {"prefill_segment": 256}}, "x.toml")
+    assert cut.runtime["prefill_segment"] == 256 and cut.measurement_identity()["runtime"]["prefill_segment"] == 256
+    with pytest.raises(UserError, match="prefill_segment"):
+        parse_spec({**space, "runtime": {"prefill_segment": 1 << 20}}, "x.toml")
