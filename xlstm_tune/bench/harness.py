@@ -41,6 +41,7 @@ from xlstm_tune.bench.stats import Summary
 from xlstm_tune.bench.timing import Measurement, measure, throughput, time_first_call
 from xlstm_tune.bench.workload import PromptSource, prompt_ids
 from xlstm_tune.errors import UserError
+from xlstm_tune.runtime.state import clone_state
 
 DECODE_CSV_COLUMNS = ("step", "dt_ms", "cum_ms", "inst_tok_s", "avg_tok_s")
 
@@ -288,11 +289,6 @@ def _sync(model: Any) -> Callable[[], None]:
 
     device = model.device
     return lambda: dev.synchronize(device)
-
-
-def clone_state(state: Any) -> Any:
-    """A private copy of a model state (list of per-block tensor tuples), so timed calls never share one."""
-    return [tuple(t.clone() for t in block) for block in state]
 
 
 # ---- prefill ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from xlstm_tune.runtime.decode import make_decode_step
 from xlstm_tune.runtime.options import RuntimeOptions
 from xlstm_tune.runtime.prefill_graph import DEFAULT_MAX_GRAPHS, PrefillGraphs
 from xlstm_tune.runtime.prefill_segments import current_segment, piece_lengths, shape_bound
+from xlstm_tune.runtime.state import clone_state
 from xlstm_tune.runtime.tiles import RunStats
 
 # on_step(step_index, seconds_since_previous_token) -- only called when timing is asked for.
@@ -203,5 +204,5 @@ class LanguageModel:
                 on_step(n, now - last)
                 last = now
         if self._decode.mode == "graph":  # detach the caller's state from the replayed buffers
-            state = [tuple(t.clone() for t in block) for block in state]
+            state = clone_state(state)
         return out, state

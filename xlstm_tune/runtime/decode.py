@@ -21,6 +21,7 @@ from torch import Tensor
 
 from xlstm_tune.errors import DeviceUnavailableError
 from xlstm_tune.runtime import device as dev
+from xlstm_tune.runtime.state import clone_state
 from xlstm_tune.runtime.tiles import RunStats
 
 StepFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
@@ -108,7 +109,7 @@ class GraphStep(_Step):
 
     def _capture(self, token: Tensor, state: Any) -> None:
         self.static_token = token.clone()
-        self.static_state = [tuple(t.clone() for t in block) for block in state]
+        self.static_state = clone_state(state)
         self.fused = (self.in_place_step is not None and token.shape[1] == 1
                       and self.in_place_step.supports(int(token.shape[0])))
         # Warm up on a side stream (required before capture), then capture the step plus the in-place

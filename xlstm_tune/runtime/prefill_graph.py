@@ -31,18 +31,16 @@ from torch import Tensor
 
 from xlstm_tune.errors import DeviceUnavailableError
 from xlstm_tune.runtime import device as dev
+from xlstm_tune.runtime.settings import SETTING_ENV_VARS
+from xlstm_tune.runtime.state import clone_state
 from xlstm_tune.runtime.tiles import RunStats
 
 ForwardFn = Callable[[Tensor, Any], tuple[Tensor, Any]]
 
 # The switches read at call time that choose kernels inside a prefill: a graph captured under one set
 # must not be replayed under another.
-_KERNEL_SWITCHES = ("XLSTM_TF32_CELL", "XLSTM_TRITON_GEMV")
+_KERNEL_SWITCHES = (SETTING_ENV_VARS["tf32_cell"], SETTING_ENV_VARS["triton_gemv"])
 DEFAULT_MAX_GRAPHS = 4
-
-
-def _clone_state(state: Any) -> list[tuple[Tensor, ...]]:
-    return [tuple(t.clone() for t in block) for block in state]
 
 
 def _one_pass(two_passes: dict[str, Any]) -> dict[str, Any]:
@@ -88,7 +86,7 @@ class PrefillGraphs:
 
     def _capture(self, ids: Tensor, state: Any) -> _Captured:
         static_ids = ids.clone()
-        static_state = None if state is None else _clone_state(state)
+        static_state = None if state is None else clone_state(state)
         if self._pool is None:
             self._pool = dev.graph_memory_pool(self.device)
         # The warm-up on a side stream is a real prefill (it compiles and autotunes, which capture
@@ -127,5 +125,5 @@ class PrefillGraphs:
         if not fresh:  # the capture already counted the first replay's kernels
             self.stats.merge(captured.counted)
         self.stats.prefilled("graph:replay")
-        return captured.logits.clone(), _clone_state(captured.new_state)
+        return captured.logits.clone(), clone_state(captured.new_state)
 

@@ -29,12 +29,17 @@ def check_segment(value: int, where: str = "prefill_segment") -> int:
     return value
 
 
-def current_segment() -> int:
-    """The segment length in force (read per call from XLSTM_PREFILL_SEGMENT, like the kernel switches)."""
+def parse_segment(value: object, where: str = "prefill_segment") -> int:
+    """A segment length from a flag, a table or the environment: an integer in 0..MAX_SEGMENT."""
     from xlstm_tune.runtime.options import _as_int
 
+    return check_segment(_as_int(where, value), where)
+
+
+def current_segment() -> int:
+    """The segment length in force (read per call from XLSTM_PREFILL_SEGMENT, like the kernel switches)."""
     raw = os.environ.get(SEGMENT_ENV, "").strip()
-    return check_segment(_as_int(SEGMENT_ENV, raw), SEGMENT_ENV) if raw else 0
+    return parse_segment(raw, SEGMENT_ENV) if raw else 0
 
 
 def shape_bound(segment: int) -> int:

@@ -67,13 +67,6 @@ def _threads(name: str, value: Any) -> int | None:
     return n
 
 
-def _segment(value: Any) -> int:
-    from xlstm_tune.runtime.options import _as_int
-    from xlstm_tune.runtime.prefill_segments import check_segment
-
-    return check_segment(_as_int("prefill_segment", value))
-
-
 @dataclass(frozen=True)
 class RuntimeSettings:
     """Process-wide settings that change speed.
@@ -108,7 +101,9 @@ class RuntimeSettings:
             set_(self, name, _threads(name, getattr(self, name)))
         for name in _SWITCHES:
             set_(self, name, _bool(name, getattr(self, name)))
-        set_(self, "prefill_segment", _segment(self.prefill_segment))
+        from xlstm_tune.runtime.prefill_segments import parse_segment
+
+        set_(self, "prefill_segment", parse_segment(self.prefill_segment))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
