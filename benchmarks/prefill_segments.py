@@ -27,18 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def worker(args: argparse.Namespace) -> dict:
     """One mode in this process: cold and warm seconds per length, the pieces that ran, the last logits."""
     import torch
 
     from xlstm_tune import RuntimeOptions, load_model
+    from xlstm_tune.runtime.device import synchronize
 
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        runtime=RuntimeOptions(backend="native", chunk_size=args.chunk_size, compile=args.compile))
@@ -47,16 +41,16 @@ def worker(args: argparse.Namespace) -> dict:
     for length in args.lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, length), generator=gen).to(model.device)
         model.stats.reset()
-        _sync(args.device)
+        synchronize(model.device)
         t0 = time.perf_counter()
         logits, _ = model(ids)
-        _sync(args.device)
+        synchronize(model.device)
         cold = time.perf_counter() - t0
         warm = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             model(ids)
-            _sync(args.device)
+            synchronize(model.device)
             warm.append(time.perf_counter() - t0)
         rows.append({"length": length, "cold_s": cold, "warm_s": statistics.median(warm),
                      "pieces": model.stats.as_dict()["prefill_lengths"]})
