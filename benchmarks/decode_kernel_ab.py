@@ -39,6 +39,7 @@ def load_kernels(path: Path):
     if spec is None or spec.loader is None:
         raise SystemExit(f"decode_kernel_ab.py: cannot load {path}: give the baseline tree's decode_triton.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
