@@ -182,6 +182,33 @@ def test_prefill_graph_continues_a_state_and_counts_the_kernels_of_every_replay(
     assert graphs._key(head, None) not in graphs._graphs  # the oldest shape went first
 
 
+def test_prefill_graphs_in_segments_capture_each_piece_shape_once_and_keep_them_all(model, seed, monkeypatch):
+    """XLSTM_PREFILL_SEGMENT=8 with prefill graphs: five prompts run as pieces of 8, 4, 2 and 1 tokens, five
+    piece shapes (with and without a starting state), one more than a process keeps by default. Each shape
+    is captured once and replayed after (none evicted: the graphs keep shape_bound(8)), and every prompt's
+    logits and state match the whole prompt launched."""
+    from xlstm_tune.runtime.prefill_segments import piece_lengths, shape_bound
+
+    options = RuntimeOptions(backend="native", chunk_size=4, compile=False)
+    model.runtime = options
+    prompts = [torch.randint(0, 256, (1, n), device="cuda") for n in (21, 13, 30, 8, 27)]
+    want = [model(p) for p in prompts]
+    monkeypatch.setenv("XLSTM_PREFILL_GRAPH", "1")
+    monkeypatch.setenv("XLSTM_PREFILL_SEGMENT", "8")
+    model.runtime = options
+    model.stats.reset()
+    got = [model(p) for p in prompts]
+    pieces = [piece_lengths(p.shape[1], 8) for p in prompts]
+    shapes = {(n, i > 0) for lengths in pieces for i, n in enumerate(lengths)}
+    assert len(shapes) == 5
+    paths = model.stats.as_dict()["prefill_paths"]
+    assert paths == {"graph:capture": len(shapes), "graph:replay": sum(map(len, pieces))}  # a capture replays too
+    assert len(model._prefill_graphs) == len(shapes) <= shape_bound(8)
+    for (w, w_state), (g, g_state) in zip(want, got):
+        assert rel_err(g, w) < TOL, f"seed={seed}"
+        assert all(rel_err(x, y) < TOL or torch.equal(x, y) for a, b in zip(g_state, w_state) for x, y in zip(a, b))
+
+
 def test_a_prefill_that_cannot_be_captured_is_a_one_line_error_and_nothing_is_kept(seed):
     """A forward that fails while it is being captured (as an operation that capture does not allow does)
     makes the switch's error, naming the shape and the fix; no graph is kept, and the same object still
