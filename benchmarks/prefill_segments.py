@@ -52,11 +52,17 @@ def worker(args: argparse.Namespace) -> dict:
             model(ids)
             synchronize(model.device)
             warm.append(time.perf_counter() - t0)
+        counts = model.stats.as_dict()
         rows.append({"length": length, "cold_s": cold, "warm_s": statistics.median(warm),
-                     "pieces": model.stats.as_dict()["prefill_lengths"]})
+                     "pieces": counts["prefill_lengths"], "paths": counts["prefill_paths"]})
         logits_tail[length] = logits[0, -1].float().cpu().tolist()
     model.close()
     return {"rows": rows, "logits_tail": logits_tail}
+
+
+def _paths(counts: dict[str, int]) -> str:
+    """A length's prefill calls by path, as counted ('call 6' launched; 'graph:capture 2, graph:replay 12')."""
+    return ", ".join(f"{path} {n}" for path, n in sorted(counts.items())) or "none"
 
 
 def run_mode(args: argparse.Namespace, segment: int) -> dict:
@@ -114,18 +120,19 @@ def main(argv: list[str] | None = None) -> int:
           f"segment {args.segment}; each mode in a fresh process with "
           f"{'this machine' if args.keep_compile_cache else 'an empty'} compile cache; warm = median of {args.repeats}")
     print("| length | whole: first call s | whole: warm ms | pieces | segment: first call s | segment: warm ms | "
-          "warm ratio | last-logit rel. diff |")
-    print("|---|---|---|---|---|---|---|---|")
+          "warm ratio | last-logit rel. diff | prefills that ran (whole; pieces) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for a, b in zip(whole["rows"], cut["rows"]):
         x = torch.tensor(whole["logits_tail"][str(a["length"])])
         y = torch.tensor(cut["logits_tail"][str(a["length"])])
         rel = float((x - y).norm() / x.norm())
         print(f"| {a['length']} | {a['cold_s']:.2f} | {a['warm_s'] * 1e3:.2f} | {b['pieces']} | {b['cold_s']:.2f} | "
-              f"{b['warm_s'] * 1e3:.2f} | {b['warm_s'] / a['warm_s']:.2f}x | {rel:.1e} |")
+              f"{b['warm_s'] * 1e3:.2f} | {b['warm_s'] / a['warm_s']:.2f}x | {rel:.1e} | "
+              f"{_paths(a['paths'])}; {_paths(b['paths'])} |")
     tot = {k: (sum(r[k] for r in whole["rows"]), sum(r[k] for r in cut["rows"])) for k in ("cold_s", "warm_s")}
     shapes = len({n for r in cut["rows"] for n in r["pieces"]})
     print(f"| all {len(args.lengths)} | {tot['cold_s'][0]:.2f} | {tot['warm_s'][0] * 1e3:.2f} | {shapes} lengths | "
-          f"{tot['cold_s'][1]:.2f} | {tot['warm_s'][1] * 1e3:.2f} | {tot['warm_s'][1] / tot['warm_s'][0]:.2f}x | |")
+          f"{tot['cold_s'][1]:.2f} | {tot['warm_s'][1] * 1e3:.2f} | {tot['warm_s'][1] / tot['warm_s'][0]:.2f}x | | |")
     return 0
 
 

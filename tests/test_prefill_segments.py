@@ -144,6 +144,9 @@ def test_the_benchmark_compares_both_modes_in_fresh_processes(capsys) -> None:
     assert body["40"][3].strip() == "[8, 32]" and body["72"][3].strip() == "[8, 32]"  # 32 + 8; 32 + 32 + 8
     assert all(float(body[n][7]) < 1e-4 for n in ("40", "72"))  # the same answer, fed in pieces
     assert body["all 2"][3].strip() == "2 lengths"
+    # what ran, counted per length over its first call and one warm call: whole, 2 launched prefills;
+    # in pieces, one per piece (40 = 32 + 8, 72 = 32 + 32 + 8)
+    assert body["40"][8].strip() == "call 2; call 4" and body["72"][8].strip() == "call 2; call 6"
 
 
 def test_a_spec_carries_the_setting_and_studies_from_before_it_still_resume() -> None:
