@@ -114,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    whole, cut = run_mode(args, 0), run_mode(args, args.segment)
+    modes = {}
+    for name, segment in (("whole", 0), (f"segment {args.segment}", args.segment)):
+        modes[name] = run_mode(args, segment)  # each mode's totals said as it ends: a cut-off run keeps them
+        rows = modes[name]["rows"]
+        print(f"prefill_segments.py: {name} done: first calls {sum(r['cold_s'] for r in rows):.2f} s, "
+              f"warm {sum(r['warm_s'] for r in rows) * 1e3:.2f} ms over {len(rows)} lengths", file=sys.stderr,
+              flush=True)
+    whole, cut = modes.values()
     print(f"{args.model} {args.dtype} on {args.device}, torch {torch.__version__}, native chunk {args.chunk_size}, "
           f"compile {'on' if args.compile else 'off'}, prefill graph {'on' if args.prefill_graph else 'off'}; "
           f"segment {args.segment}; each mode in a fresh process with "
