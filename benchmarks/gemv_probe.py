@@ -16,9 +16,9 @@ is deterministic. Neither kernel is part of the decode path; this measures wheth
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,9 +28,11 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_kernel_ab import alternating_rounds  # noqa: E402
 from profile_decode import copy_bandwidth_gb_s  # noqa: E402
 
 from xlstm_tune.kernels import decode_triton as k  # noqa: E402
+from xlstm_tune.runtime import device as dev  # noqa: E402
 
 
 @triton.jit
@@ -48,7 +50,6 @@ def _gemv_tma(x_ptr, w_desc, y_ptr, N, K: tl.constexpr, BLOCK_N: tl.constexpr, B
     tl.store(y_ptr + rows, tl.sum(acc, axis=1), mask=rows < N)
 
 
-# (N, K, the pinned tile of the decode kernel for that shape in decode_tiles.json)
 @triton.jit
 def _gemv_split_k(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, N, K: tl.constexpr, stride_wn, SPLIT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -80,20 +81,19 @@ def _gemv_split_k(x_ptr, w_ptr, y_ptr, part_ptr, count_ptr, N, K: tl.constexpr, 
         tl.store(count_ptr + tl.program_id(0), 0)
 
 
+# (N, K, the pinned tile of the decode kernel for that shape in decode_tiles.json)
 SHAPES = {"7b in": (12304, 4096, (8, 512, 4, 3)), "7b out": (4096, 4096, (8, 512, 4, 3)),
           "7b up|gate": (21888, 4096, (8, 512, 4, 3)), "7b down": (4096, 10944, (4, 512, 4, 3)),
-          "350m in": (3080, 1024, (4, 512, 4, 3)), "350m out": (1024, 1024, (4, 1024, 8, 2)), "350m up|gate": (5504, 1024, (8, 512, 4, 3)),
-          "350m down": (1024, 2752, (2, 1024, 4, 3))}
+          "350m in": (3080, 1024, (4, 512, 4, 3)), "350m out": (1024, 1024, (4, 1024, 8, 2)),
+          "350m up|gate": (5504, 1024, (8, 512, 4, 3)), "350m down": (1024, 2752, (2, 1024, 4, 3))}
 SPLIT_TILES = [(split, bn, 512, 4, 3) for split in (2, 4) for bn in (4, 8)]  # (SPLIT, BLOCK_N, BLOCK_K, warps, stages)
 TMA_TILES = [(bn, 256, 4, s) for bn in (8, 16, 32) for s in (4, 8)] + [(16, 128, 4, 6)]
 
 
 def fused_launch(x, w, y, tile):
-    n, kk = w.shape
-    bn, bk, warps, stages = tile
-    k._fused_gemv_kernel.fn[(triton.cdiv(n, bn),)](
-        x, w, y, x, x, x, x, n, kk, w.stride(0), 1e-6, 1.0, PROLOGUE=0, EPILOGUE=0, HAS_BIAS=False,
-        HEAD_DIM=1, HEADS_P2=1, HEAD_DIM_P2=1, PDL=False, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    """The decode path's own product (`fused_gemv`, no prologue or epilogue) with `tile` pinned."""
+    k.PINNED[(*w.shape, k.PRO_NONE, k.EPI_NONE)] = tile
+    k.fused_gemv(x, w, y)
 
 
 def tma_launch(x, desc, y, n, kk, tile):
@@ -110,26 +110,31 @@ def split_launch(x, w, y, part, count, tile):
 
 def graph_us(fn, replays: int = 20) -> float:
     """Median µs of one replay of a graph of `fn`'s launches."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        t0 = time.perf_counter()
-        g.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    graph, _ = dev.capture_graph("cuda", fn, warmup=1)
+    return statistics.median(alternating_rounds([graph], replays, 1)[0])
+
+
+def fastest(name: str, candidates, ys: list, want) -> tuple | None:
+    """(tile, µs, relative difference of the first layer's result to `want`) of the fastest candidate
+    (tile, launches) that ran."""
+    best = None
+    for t, run in candidates:
+        try:
+            t_c = graph_us(run)
+        except Exception as exc:  # noqa: BLE001 - a tile this GPU cannot run: said, skipped
+            print(f"  {name} {t}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        diff = float((ys[0] - want).norm() / want.norm())
+        if best is None or t_c < best[1]:
+            best = (t, t_c, diff)
+    return best
 
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("gemv_tma_probe.py needs CUDA (a Hopper GPU): none is available here", file=sys.stderr)
+        print("gemv_probe.py needs CUDA (a Hopper GPU): none is available here", file=sys.stderr)
         return 2
+    os.environ["XLSTM_DECODE_PDL"] = "0"  # every kernel here launches plainly, the fused one too
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"copy {copy_bandwidth_gb_s():.0f} GB/s")
     print("| shape | fused (pinned tile) GB/s | best TMA tile | TMA GB/s | TMA / fused | rel diff "
@@ -143,19 +148,6 @@ def main() -> int:
         nbytes = layers * n * kk * 2
         t_f = graph_us(lambda: [fused_launch(x, w, y, tile) for w, y in zip(ws, ys)])
         want = ys[0].clone()
-        def fastest(candidates):
-            """(tile, µs, relative difference to the fused result) of the fastest candidate that ran."""
-            best = None
-            for t, run in candidates:
-                try:
-                    t_c = graph_us(run)
-                except Exception as exc:  # noqa: BLE001 - a tile this GPU cannot run: said, skipped
-                    print(f"  {name} {t}: {type(exc).__name__}: {str(exc)[:120]}")
-                    continue
-                diff = float((ys[0] - want).norm() / want.norm())
-                if best is None or t_c < best[1]:
-                    best = (t, t_c, diff)
-            return best
 
         def tma_candidate(t):
             descs = [TensorDescriptor.from_tensor(w, [t[0], t[1]]) for w in ws]
@@ -167,7 +159,8 @@ def main() -> int:
             return t, lambda: [split_launch(x, w, y, p, c, t) for w, y, p, c in zip(ws, ys, parts, counts)]
 
         cells = [f"{name}", f"{nbytes / t_f / 1e3:.0f}"]
-        for best in (fastest(tma_candidate(t) for t in TMA_TILES), fastest(split_candidate(t) for t in SPLIT_TILES)):
+        for best in (fastest(name, (tma_candidate(t) for t in TMA_TILES), ys, want),
+                     fastest(name, (split_candidate(t) for t in SPLIT_TILES), ys, want)):
             if best is None:
                 cells += ["none ran", "", "", ""]
                 continue
